@@ -1,0 +1,84 @@
+//! The ingress's one error type and its HTTP rendering: `{"error": {"code", "message"}}`.
+//! Messages name the problem but never echo secrets, phone numbers or message text.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("{0}")]
+    MissingSignature(String),
+    #[error("{0}")]
+    InvalidSignature(String),
+    #[error("request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("content type must be application/x-www-form-urlencoded")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("too many requests that fail verification; retry later")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("no such route")]
+    NotFound,
+    #[error("message broker unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after_secs: u32,
+    },
+}
+
+impl IngressError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MissingSignature(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidSignature(_) => StatusCode::FORBIDDEN,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingSignature(_) => "missing_signature",
+            Self::InvalidSignature(_) => "invalid_signature",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::BadRequest(_) => "bad_request",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::NotFound => "not_found",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for IngressError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request not accepted");
+        } else {
+            tracing::debug!(error = %self, status = status.as_u16(), "request rejected");
+        }
+        let retry_after = match &self {
+            Self::Unavailable {
+                retry_after_secs, ..
+            } => Some(u64::from(*retry_after_secs)),
+            Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        };
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        let mut response = (status, Json(body)).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,181 @@
+//! The ingress: Plivo's webhook target. It verifies signatures, makes every callback durable in
+//! RabbitMQ (publisher confirms) and only then answers 200. It holds no state and never waits on
+//! PostgreSQL to accept a callback.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
+use axum::routing::get;
+use shared::amqp::{Publisher, Topology};
+use shared::config::IngressSettings;
+use shared::plivo::signature::Verifier;
+use shared::ratelimit::TokenBucket;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::IngressError;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub verifier: Arc<Verifier>,
+    pub publisher: Publisher,
+    pub public_base_url: Arc<str>,
+    pub exchange: Arc<str>,
+    pub body_limit: usize,
+    pub retry_after_secs: u32,
+    /// Global budget for requests that fail verification.
+    pub unverified_budget: Arc<TokenBucket>,
+}
+
+impl AppState {
+    pub fn new(settings: &IngressSettings, publisher: Publisher) -> Self {
+        Self {
+            verifier: Arc::new(Verifier::from_settings(&settings.plivo)),
+            publisher,
+            public_base_url: settings.http.public_base_url.as_str().into(),
+            exchange: settings.amqp.prefix.as_str().into(),
+            body_limit: settings.http.body_limit_bytes,
+            retry_after_secs: settings.http.retry_after_secs,
+            unverified_budget: Arc::new(TokenBucket::new(
+                settings.http.unverified_per_second.into(),
+                settings.http.unverified_burst.into(),
+            )),
+        }
+    }
+
+    /// Spends the failed-verification budget; once it is gone, failures are answered 429.
+    pub(crate) fn unverified(&self, error: IngressError) -> IngressError {
+        match self.unverified_budget.try_take() {
+            Ok(()) => error,
+            Err(wait) => IngressError::RateLimited {
+                retry_after_secs: wait.as_secs().max(1),
+            },
+        }
+    }
+}
+
+/// The HTTP surface, with its middleware.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let security_headers = [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+    ];
+    let mut router = Router::new()
+        .route(
+            "/plivo/callback",
+            get(routes::plivo::status_callback).post(routes::plivo::status_callback),
+        )
+        .route(
+            "/plivo/inbound",
+            get(routes::plivo::inbound_message).post(routes::plivo::inbound_message),
+        )
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .fallback(not_found)
+        .with_state(state)
+        // The Plivo routes enforce their own limit so they can answer 413 with a clear body.
+        .layer(DefaultBodyLimit::disable());
+    for (name, value) in security_headers {
+        router = router.layer(SetResponseHeaderLayer::if_not_present(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        ));
+    }
+    router.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            // The span names the path only: a GET callback's query carries phone numbers.
+            .layer(
+                TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                    let request_id = request
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "http request",
+                        otel.kind = "server",
+                        http.request.method = %request.method(),
+                        url.path = %request.uri().path(),
+                        request_id = %request_id,
+                    )
+                }),
+            )
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                request_timeout,
+            )),
+    )
+}
+
+async fn not_found() -> IngressError {
+    IngressError::NotFound
+}
+
+/// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests finish
+/// (each one either got its confirm and answered 200, or answered 503) for at most the grace
+/// period, and closes the broker connection.
+pub async fn run(
+    settings: IngressSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let broker_shutdown = CancellationToken::new();
+    let publisher = Publisher::start(
+        settings.amqp.clone(),
+        Topology::from_settings(&settings.amqp),
+        "smsflow-ingress",
+        broker_shutdown.clone(),
+    );
+    let app = router(
+        AppState::new(&settings, publisher.clone()),
+        Duration::from_millis(settings.http.request_timeout_ms),
+    );
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "ingress listening");
+
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(server.into_future());
+    let outcome = tokio::select! {
+        result = &mut server => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+        () = shutdown.cancelled() => {
+            tracing::info!("shutting down: draining in-flight requests");
+            let grace = Duration::from_millis(settings.http.shutdown_grace_ms);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+                Err(_) => {
+                    server.abort();
+                    Err(anyhow::anyhow!("in-flight requests did not finish within the {} ms grace period", grace.as_millis()))
+                }
+            }
+        }
+    };
+    broker_shutdown.cancel();
+    publisher.close().await;
+    outcome
+}

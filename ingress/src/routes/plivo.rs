@@ -1,0 +1,196 @@
+//! Plivo webhooks: status callbacks and inbound SMS.
+//!
+//! Per request, in this order: size limit → signature headers present → content type and form
+//! decoding → signature valid → publish with confirm → answer. A 200 means the broker has
+//! confirmed the event; anything that cannot be made durable is answered 503 so Plivo retries.
+//! Nothing is parsed into domain types here: every received parameter travels to the worker.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::headers::json_message;
+use shared::amqp::{PublishError, Stream};
+use shared::plivo::form::{parse_body, parse_pairs};
+use shared::plivo::signature::{self, SignatureHeaders, VerifyError};
+use time::OffsetDateTime;
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::IngressError;
+
+pub async fn status_callback(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<StatusCode, IngressError> {
+    accept(&state, Stream::Status, request).await
+}
+
+pub async fn inbound_message(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<StatusCode, IngressError> {
+    accept(&state, Stream::Inbound, request).await
+}
+
+async fn accept(
+    state: &AppState,
+    stream: Stream,
+    request: Request,
+) -> Result<StatusCode, IngressError> {
+    let (parts, body) = request.into_parts();
+    let limit = state.body_limit;
+    if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+        return Err(IngressError::PayloadTooLarge { limit });
+    }
+    let sig_headers = signature_headers(&parts.headers);
+    if sig_headers.v3.is_none()
+        && sig_headers.ma_v3.is_none()
+        && sig_headers.v2.is_none()
+        && sig_headers.ma_v2.is_none()
+    {
+        return Err(state.unverified(IngressError::MissingSignature(
+            "missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers".into(),
+        )));
+    }
+
+    let is_get = parts.method == axum::http::Method::GET;
+    let body_bytes = read_body(body, limit).await?;
+    let body_params = if is_get || body_bytes.is_empty() {
+        Vec::new()
+    } else {
+        if !is_form(&parts.headers) {
+            return Err(IngressError::UnsupportedMediaType);
+        }
+        parse_body(&body_bytes).map_err(|e| IngressError::BadRequest(e.to_string()))?
+    };
+    let raw_query = parts.uri.query();
+    let query = parse_pairs(raw_query.unwrap_or(""))
+        .map_err(|e| IngressError::BadRequest(format!("query string: {e}")))?;
+
+    let url = match raw_query {
+        Some(q) => format!("{}{}?{q}", state.public_base_url, parts.uri.path()),
+        None => format!("{}{}", state.public_base_url, parts.uri.path()),
+    };
+    let scheme = state
+        .verifier
+        .verify(&sig_headers, parts.method.as_str(), &url, &body_params)
+        .map_err(|e| match e {
+            VerifyError::Missing(m) => state.unverified(IngressError::MissingSignature(m.into())),
+            VerifyError::Invalid(m) => state.unverified(IngressError::InvalidSignature(m.into())),
+            VerifyError::Url(e) => IngressError::BadRequest(e.to_string()),
+        })?;
+
+    let reference = query
+        .iter()
+        .find(|(k, _)| k == "ref")
+        .map(|(_, v)| v.clone());
+    let params = if is_get {
+        query.iter().filter(|(k, _)| k != "ref").cloned().collect()
+    } else {
+        body_params
+    };
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let event = CallbackEvent {
+        schema: CallbackEvent::SCHEMA.into(),
+        version: CallbackEvent::VERSION,
+        params,
+        query,
+        reference,
+        method: parts.method.as_str().to_owned(),
+        signature: scheme.as_str().to_owned(),
+        received_at: OffsetDateTime::now_utc(),
+        request_id,
+    };
+    publish(state, stream, &event).await?;
+    Ok(StatusCode::OK)
+}
+
+async fn publish(
+    state: &AppState,
+    stream: Stream,
+    event: &CallbackEvent,
+) -> Result<(), IngressError> {
+    let payload = serde_json::to_vec(event)
+        .map_err(|e| IngressError::BadRequest(format!("cannot encode event: {e}")))?;
+    let message_id = Uuid::now_v7().to_string();
+    let span = tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %state.exchange,
+        messaging.rabbitmq.destination.routing_key = stream.routing_key(),
+        messaging.message.id = %message_id,
+    );
+    async {
+        let properties = json_message(
+            CallbackEvent::SCHEMA,
+            CallbackEvent::VERSION,
+            &message_id,
+            Default::default(),
+        );
+        state
+            .publisher
+            .publish(stream.routing_key(), &payload, properties)
+            .await
+    }
+    .instrument(span)
+    .await
+    .map_err(|e: PublishError| IngressError::Unavailable {
+        reason: e.to_string(),
+        retry_after_secs: state.retry_after_secs,
+    })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            mime.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, IngressError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(IngressError::PayloadTooLarge { limit })
+        }
+        Err(e) => Err(IngressError::BadRequest(format!(
+            "cannot read request body: {e}"
+        ))),
+    }
+}
+
+/// Header values that are not visible ASCII are kept as `""`, which never matches a signature.
+fn signature_headers(headers: &HeaderMap) -> SignatureHeaders<'_> {
+    let get = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    SignatureHeaders {
+        v3: get(signature::V3_HEADER),
+        ma_v3: get(signature::MA_V3_HEADER),
+        v3_nonce: get(signature::V3_NONCE_HEADER),
+        v2: get(signature::V2_HEADER),
+        ma_v2: get(signature::MA_V2_HEADER),
+        v2_nonce: get(signature::V2_NONCE_HEADER),
+    }
+}

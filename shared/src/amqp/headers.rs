@@ -1,0 +1,99 @@
+//! AMQP message headers: W3C trace context (`traceparent`, `tracestate`) and the schema name
+//! and version every smsflow message carries.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use opentelemetry::global;
+use opentelemetry::propagation::{Extractor, Injector};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+pub const SCHEMA_HEADER: &str = "x-smsflow-schema";
+pub const SCHEMA_VERSION_HEADER: &str = "x-smsflow-schema-version";
+
+pub struct HeaderInjector<'a>(pub &'a mut FieldTable);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0
+            .insert(key.into(), AMQPValue::LongString(value.into()));
+    }
+}
+
+pub struct HeaderExtractor<'a>(pub &'a FieldTable);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        get_str(Some(self.0), key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.inner().keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes the current span's trace context into `headers`.
+pub fn inject_current_context(headers: &mut FieldTable) {
+    let cx = tracing::Span::current().context();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
+}
+
+/// Reads a trace context from message headers (empty when absent).
+pub fn extract_context(headers: Option<&FieldTable>) -> opentelemetry::Context {
+    match headers {
+        Some(headers) => global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers))),
+        None => opentelemetry::Context::new(),
+    }
+}
+
+/// Reads a string header, whichever string type the publisher used (pika and amqplib may
+/// send short strings).
+pub fn get_str<'a>(headers: Option<&'a FieldTable>, key: &str) -> Option<&'a str> {
+    match headers?.inner().get(key)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// Reads an integer header, whichever integer type the publisher used.
+pub fn get_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match headers?.inner().get(key)? {
+        AMQPValue::ShortShortInt(n) => Some((*n).into()),
+        AMQPValue::ShortShortUInt(n) => Some((*n).into()),
+        AMQPValue::ShortInt(n) => Some((*n).into()),
+        AMQPValue::ShortUInt(n) => Some((*n).into()),
+        AMQPValue::LongInt(n) => Some((*n).into()),
+        AMQPValue::LongUInt(n) => Some((*n).into()),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Properties of a persistent JSON message with schema headers and the current trace context.
+pub fn json_message(
+    schema: &str,
+    version: u32,
+    message_id: &str,
+    mut headers: FieldTable,
+) -> BasicProperties {
+    headers.insert(
+        SCHEMA_HEADER.into(),
+        AMQPValue::LongString(LongString::from(schema)),
+    );
+    headers.insert(
+        SCHEMA_VERSION_HEADER.into(),
+        AMQPValue::LongLongInt(version.into()),
+    );
+    inject_current_context(&mut headers);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_timestamp(now)
+        .with_headers(headers)
+}

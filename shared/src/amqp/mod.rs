@@ -1,0 +1,36 @@
+//! RabbitMQ: topology, message contracts, a confirming publisher and trace-context headers.
+
+pub mod contracts;
+pub mod headers;
+pub mod publisher;
+pub mod topology;
+
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use secrecy::ExposeSecret;
+
+use crate::config::AmqpSettings;
+
+pub use publisher::{PublishError, Publisher};
+pub use topology::{Stream, Topology};
+
+/// Opens one connection, bounded by `amqp.connect_timeout_ms`. lapin's own auto-recovery is
+/// left off: it has known hangs (CRATES.md §4), so callers rebuild connections themselves.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connecting = Connection::connect(settings.url.expose_secret(), properties);
+    match tokio::time::timeout(
+        Duration::from_millis(settings.connect_timeout_ms),
+        connecting,
+    )
+    .await
+    {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(anyhow::anyhow!("cannot connect to RabbitMQ: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "cannot connect to RabbitMQ: no answer within {} ms",
+            settings.connect_timeout_ms
+        )),
+    }
+}

@@ -1,0 +1,5 @@
+//! Domain types shared by both services.
+
+pub mod status;
+
+pub use status::MessageStatus;
