@@ -11,5 +11,7 @@ pub mod plivo;
 pub mod ratelimit;
 pub mod redact;
 pub mod telemetry;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 pub use db::MIGRATOR;

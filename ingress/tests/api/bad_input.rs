@@ -1,0 +1,276 @@
+//! Every answer code of the webhook routes, and that none of the refused requests queued anything.
+
+use shared::amqp::Stream;
+use shared::plivo::signature::{SignedRequest, hmac_base64, sign_v3, v2_signed_string};
+use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL};
+
+use crate::helpers::{TestApp, pairs, spawn_app_with, status_params};
+
+const NONCE: &str = "98765432109876543210";
+
+fn sign_raw(path: &str, body: &[(String, String)]) -> String {
+    let url = format!("{TEST_PUBLIC_BASE_URL}{path}");
+    sign_v3(
+        TEST_AUTH_TOKEN,
+        &SignedRequest {
+            method: "POST",
+            url: &url,
+            body,
+            nonce: NONCE,
+        },
+    )
+    .unwrap()
+}
+
+fn raw(app: &TestApp, path: &str, content_type: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    app.client
+        .post(app.url(path))
+        .header("content-type", content_type)
+        .body(body)
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_answer_and_queues_nothing() {
+    let app = spawn_app_with(|s| s.http.body_limit_bytes = 4096).await;
+    app.wait_ready().await;
+    let form = "application/x-www-form-urlencoded";
+    let params = status_params("bad-input-0001", "sent");
+    let good_sig = sign_raw("/plivo/callback", &params);
+    let v2_sig = hmac_base64(
+        TEST_AUTH_TOKEN,
+        &v2_signed_string(&format!("{TEST_PUBLIC_BASE_URL}/plivo/callback"), NONCE).unwrap(),
+    );
+    let encoded = shared::testing::form_encode(&params).into_bytes();
+
+    type Case<'a> = (&'a str, reqwest::RequestBuilder, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "no signature headers",
+            raw(&app, "/plivo/callback", form, encoded.clone()),
+            401,
+            "missing_signature",
+        ),
+        (
+            "V3 signature without its nonce",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header("x-plivo-signature-v3", &good_sig),
+            401,
+            "missing_signature",
+        ),
+        (
+            "only a V2 signature while V2 is disabled",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header("x-plivo-signature-v2", &v2_sig)
+                .header("x-plivo-signature-v2-nonce", NONCE),
+            401,
+            "missing_signature",
+        ),
+        (
+            "garbage signature",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header("x-plivo-signature-v3", "not base64 at all")
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            403,
+            "invalid_signature",
+        ),
+        (
+            "non-ASCII signature header bytes",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header(
+                    "x-plivo-signature-v3",
+                    reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
+                )
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            403,
+            "invalid_signature",
+        ),
+        (
+            "empty signature header",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header("x-plivo-signature-v3", "")
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            403,
+            "invalid_signature",
+        ),
+        (
+            "signature for another nonce",
+            raw(&app, "/plivo/callback", form, encoded.clone())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", "00000000000000000000"),
+            403,
+            "invalid_signature",
+        ),
+        (
+            "signed for another path",
+            raw(&app, "/plivo/inbound", form, encoded.clone())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            403,
+            "invalid_signature",
+        ),
+        (
+            "JSON instead of a form",
+            raw(
+                &app,
+                "/plivo/callback",
+                "application/json",
+                br#"{"Status":"sent"}"#.to_vec(),
+            )
+            .header("x-plivo-signature-v3", &good_sig)
+            .header("x-plivo-signature-v3-nonce", NONCE),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "percent-encoded bytes that are not UTF-8",
+            raw(
+                &app,
+                "/plivo/callback",
+                form,
+                b"Text=%FF%FE&Status=sent".to_vec(),
+            )
+            .header("x-plivo-signature-v3", &good_sig)
+            .header("x-plivo-signature-v3-nonce", NONCE),
+            400,
+            "bad_request",
+        ),
+        (
+            "raw bytes that are not UTF-8",
+            raw(&app, "/plivo/callback", form, b"Text=\xff\xfe".to_vec())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            400,
+            "bad_request",
+        ),
+        (
+            "query string that is not UTF-8",
+            raw(&app, "/plivo/callback?ref=%C3%28", form, encoded.clone())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            400,
+            "bad_request",
+        ),
+        (
+            "body over the limit (declared length)",
+            raw(&app, "/plivo/callback", form, vec![b'a'; 5000])
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
+            413,
+            "payload_too_large",
+        ),
+    ];
+
+    for (description, request, status, code) in cases {
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{description}: {e}"));
+        assert_eq!(response.status().as_u16(), status, "{description}");
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{description}: JSON body: {e}"));
+        assert_eq!(body["error"]["code"], code, "{description}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{description}: message"
+        );
+        assert!(
+            !body.to_string().contains("14155550199"),
+            "{description}: no phone number in the error body"
+        );
+    }
+    assert_eq!(
+        app.broker
+            .len(&app.broker.topology.queue(Stream::Status))
+            .await,
+        0,
+        "nothing refused was queued"
+    );
+    assert_eq!(
+        app.broker
+            .len(&app.broker.topology.queue(Stream::Inbound))
+            .await,
+        0,
+        "nothing refused was queued"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_without_a_declared_length_gets_413() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app_with(|s| s.http.body_limit_bytes = 1024).await;
+    app.wait_ready().await;
+    let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let head = format!(
+        "POST /plivo/callback HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+         x-plivo-signature-v3: abc\r\nx-plivo-signature-v3-nonce: 1\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'a'; 800];
+    for _ in 0..3 {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&chunk).await.unwrap();
+        stream.write_all(b"\r\n").await.unwrap();
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+}
+
+#[tokio::test]
+async fn valid_edge_cases_are_accepted() {
+    let app = spawn_app_with(|_| {}).await;
+    app.wait_ready().await;
+    let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("empty body", vec![]),
+        (
+            "duplicate keys",
+            pairs(&[("Media", "b"), ("Media", "a"), ("MessageUUID", "dup")]),
+        ),
+        (
+            "empty values",
+            pairs(&[
+                ("ErrorCode", ""),
+                ("PowerpackUUID", ""),
+                ("MessageUUID", "empty"),
+            ]),
+        ),
+        ("key without value", pairs(&[("Flag", "")])),
+    ];
+    for (description, params) in &cases {
+        let response = app.post_signed("/plivo/callback", params).await;
+        assert_eq!(response.status(), 200, "{description}");
+    }
+    assert_eq!(app.drain(Stream::Status).await.len(), cases.len());
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_refused() {
+    let app = spawn_app_with(|_| {}).await;
+    assert_eq!(
+        app.client
+            .get(app.url("/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        app.client
+            .put(app.url("/plivo/callback"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+}

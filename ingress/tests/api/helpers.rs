@@ -1,0 +1,161 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shared::amqp::Stream;
+use shared::amqp::contracts::CallbackEvent;
+use shared::config::IngressSettings;
+use shared::plivo::signature::{SignedRequest, sign_v3};
+use shared::testing::{
+    TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, base_ingress_settings, form_encode,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub broker: TestBroker,
+    pub client: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub server: JoinHandle<anyhow::Result<()>>,
+}
+
+pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A realistic status callback for `message_uuid`.
+pub fn status_params(message_uuid: &str, status: &str) -> Vec<(String, String)> {
+    pairs(&[
+        ("MessageUUID", message_uuid),
+        ("Status", status),
+        ("To", "14155550199"),
+        ("From", "14155550123"),
+        ("Units", "1"),
+        ("TotalRate", "0.00650"),
+        ("TotalAmount", "0.00650"),
+        ("ErrorCode", ""),
+        ("Sequence", "2"),
+        ("MessageTime", "2026-11-27 10:00:00.000001"),
+    ])
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the ingress on 127.0.0.1:0 with a fresh topology; `adjust` may change settings.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut IngressSettings)) -> TestApp {
+    let broker = TestBroker::new().await;
+    let mut settings = base_ingress_settings();
+    settings.amqp = broker.amqp_settings();
+    adjust(&mut settings);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(ingress::run(settings, listener, shutdown.clone()));
+    let app = TestApp {
+        address,
+        broker,
+        client: reqwest::Client::new(),
+        shutdown,
+        server,
+    };
+    app.broker
+        .topology
+        .declare(&app.broker.channel)
+        .await
+        .expect("declare topology");
+    app
+}
+
+impl TestApp {
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.address)
+    }
+
+    /// Waits until /readyz says the broker is connected.
+    pub async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("ingress did not become ready within 10 s");
+    }
+
+    /// A POST signed with the test token the way Plivo signs it.
+    pub fn signed_post(
+        &self,
+        path_and_query: &str,
+        params: &[(String, String)],
+    ) -> reqwest::RequestBuilder {
+        signed_post(
+            &self.client,
+            &self.url(path_and_query),
+            path_and_query,
+            params,
+        )
+    }
+
+    pub async fn post_signed(
+        &self,
+        path_and_query: &str,
+        params: &[(String, String)],
+    ) -> reqwest::Response {
+        self.signed_post(path_and_query, params)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Every event waiting in a stream's work queue, in order.
+    pub async fn drain(&self, stream: Stream) -> Vec<(CallbackEvent, lapin::BasicProperties)> {
+        let queue = self.broker.topology.queue(stream);
+        let mut events = Vec::new();
+        while let Some(message) = self.broker.get(&queue).await {
+            let event: CallbackEvent =
+                serde_json::from_slice(&message.delivery.data).expect("event JSON");
+            events.push((event, message.delivery.properties.clone()));
+        }
+        events
+    }
+}
+
+pub fn signed_post(
+    client: &reqwest::Client,
+    full_url: &str,
+    path_and_query: &str,
+    params: &[(String, String)],
+) -> reqwest::RequestBuilder {
+    let nonce = format!("{:020}", rand::random::<u64>());
+    let public_url = format!("{TEST_PUBLIC_BASE_URL}{path_and_query}");
+    let signature = sign_v3(
+        TEST_AUTH_TOKEN,
+        &SignedRequest {
+            method: "POST",
+            url: &public_url,
+            body: params,
+            nonce: &nonce,
+        },
+    )
+    .unwrap();
+    client
+        .post(full_url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-plivo-signature-v3", signature)
+        .header("x-plivo-signature-v3-nonce", nonce)
+        .body(form_encode(params))
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.server.abort();
+    }
+}

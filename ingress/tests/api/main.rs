@@ -1,0 +1,8 @@
+//! Ingress integration tests against the real RabbitMQ (one test binary, per-test topology).
+
+mod bad_input;
+mod callbacks;
+mod cli;
+mod helpers;
+mod outage;
+mod shutdown;

@@ -1,0 +1,251 @@
+//! Test support (feature `test-support`): real RabbitMQ and PostgreSQL, isolated per test.
+//! A missing service fails the test loudly with the command that starts it.
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use secrecy::SecretString;
+
+use crate::amqp::{Stream, Topology};
+use crate::config::{AmqpSettings, IngressSettings, WorkerSettings};
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const TEST_AUTH_TOKEN: &str = "MzRmNzU0ZTc1ZDFiNWNlZmE3YjRlYjU2ZTk4ZDBk";
+pub const TEST_PUBLIC_BASE_URL: &str = "https://hooks.test.example";
+
+pub fn amqp_url() -> String {
+    std::env::var("SMSFLOW_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+const START_HINT: &str =
+    "start it with `docker compose up -d rabbitmq` or `rabbitmq-server -detached`";
+
+/// A RabbitMQ topology under a random prefix, deleted when dropped.
+pub struct TestBroker {
+    pub prefix: String,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestBroker {
+    pub async fn new() -> Self {
+        Self::with_retry_delays(vec![200, 400]).await
+    }
+
+    pub async fn with_retry_delays(retry_delays_ms: Vec<u64>) -> Self {
+        let prefix = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let url = amqp_url();
+        let connection = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {url}: {e}; {START_HINT}"));
+        let channel = connection.create_channel().await.expect("open a channel");
+        let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
+        Self {
+            prefix,
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    /// Settings pointing at this broker and prefix.
+    pub fn amqp_settings(&self) -> AmqpSettings {
+        let mut settings = base_ingress_settings().amqp;
+        settings.url = SecretString::from(amqp_url());
+        settings.prefix = self.prefix.clone();
+        settings.delivery_limit = 5;
+        settings.retry_delays_ms = self.topology.retry_delays_ms().to_vec();
+        settings
+    }
+
+    /// Takes one message off a queue, if any.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap_or_else(|e| panic!("basic.get on {queue}: {e}"))
+    }
+
+    /// Messages ready in a queue.
+    pub async fn len(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} does not exist: {e}"))
+            .message_count()
+    }
+
+    fn queue_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for stream in Stream::ALL {
+            names.push(self.topology.queue(stream));
+            names.push(self.topology.dead_letter_queue(stream));
+            names.extend(
+                (1..=self.topology.retry_delays_ms().len())
+                    .filter_map(|n| self.topology.retry_queue(stream, n)),
+            );
+        }
+        names
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let queues = self.queue_names();
+        let exchanges = [
+            self.topology.exchange(),
+            self.topology.dead_letter_exchange(),
+        ];
+        // Drop cannot await; clean up on a thread of its own so a failed test still cleans up.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let Ok(connection) =
+                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                for queue in queues {
+                    let Ok(channel) = connection.create_channel().await else {
+                        return;
+                    };
+                    let _ = channel
+                        .queue_delete(queue.into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in exchanges {
+                    let Ok(channel) = connection.create_channel().await else {
+                        return;
+                    };
+                    let _ = channel
+                        .exchange_delete(exchange.into(), Default::default())
+                        .await;
+                }
+                let _ = connection.close(200, "test cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Ingress settings for tests: defaults plus the test token and public URL.
+pub fn base_ingress_settings() -> IngressSettings {
+    crate::config::load_with_env(None, test_env()).expect("test settings load")
+}
+
+/// Worker settings for tests: defaults plus the test token.
+pub fn base_worker_settings() -> WorkerSettings {
+    crate::config::load_with_env(None, test_env()).expect("test settings load")
+}
+
+fn test_env() -> Vec<(String, String)> {
+    vec![
+        (
+            "SMSFLOW_PLIVO__AUTH_TOKEN".into(),
+            format!("\"{TEST_AUTH_TOKEN}\""),
+        ),
+        (
+            "SMSFLOW_PLIVO__AUTH_ID".into(),
+            "MATESTACCOUNT000000001".into(),
+        ),
+        (
+            "SMSFLOW_HTTP__PUBLIC_BASE_URL".into(),
+            TEST_PUBLIC_BASE_URL.into(),
+        ),
+        ("SMSFLOW_TELEMETRY__LOG_FILTER".into(), "warn".into()),
+    ]
+}
+
+/// A TCP forwarder in front of a real service that a test can cut (every connection closed,
+/// new ones refused) and restore, to simulate an outage without disturbing other tests.
+pub struct CuttableProxy {
+    pub address: std::net::SocketAddr,
+    up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl CuttableProxy {
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let address = listener.local_addr().expect("proxy address");
+        let (up, _) = tokio::sync::watch::channel(true);
+        let up = std::sync::Arc::new(up);
+        let state = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*state.borrow() {
+                    drop(inbound); // refused: closed at once
+                    continue;
+                }
+                let mut down = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = down.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { address, up }
+    }
+
+    /// Closes every forwarded connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+
+    /// An AMQP URL that goes through this proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.address)
+    }
+}
+
+/// The address of the RabbitMQ server in `amqp_url()`.
+pub fn amqp_address() -> std::net::SocketAddr {
+    let url = amqp_url();
+    let authority = url.split('@').nth(1).unwrap_or("127.0.0.1:5672");
+    let host_port = authority.split('/').next().unwrap_or("127.0.0.1:5672");
+    std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .ok()
+        .and_then(|mut a| a.next())
+        .expect("RabbitMQ address resolves")
+}
+
+/// Form-encodes pairs the way Plivo does (`+` for spaces, `%XX` for the rest).
+pub fn form_encode(pairs: &[(String, String)]) -> String {
+    fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                    (b as char).to_string()
+                }
+                b' ' => "+".to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}

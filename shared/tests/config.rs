@@ -1,0 +1,235 @@
+//! Configuration layering (defaults → file → environment), error messages, and redaction.
+
+use std::io::Write as _;
+
+use secrecy::ExposeSecret as _;
+use shared::config::{ConfigError, IngressSettings, WorkerSettings, load_with_env, render};
+
+const TOKEN: &str = "s3cr3t-T0KEN-value-that-must-never-print";
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn with_token(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars = env(&[("SMSFLOW_PLIVO__AUTH_TOKEN", TOKEN)]);
+    vars.extend(env(extra));
+    vars
+}
+
+fn temp_file(contents: &str) -> tempfile_lite::TempFile {
+    tempfile_lite::TempFile::with(contents)
+}
+
+#[test]
+fn defaults_apply_when_nothing_else_is_set() {
+    let s: IngressSettings = load_with_env(None, with_token(&[])).unwrap();
+    assert_eq!(s.http.listen.port(), 8080);
+    assert_eq!(s.amqp.prefix, "smsflow");
+    assert_eq!(s.amqp.confirm_timeout_ms, 2000);
+    assert_eq!(s.http.body_limit_bytes, 65536);
+    assert!(!s.plivo.accept_v2_signatures);
+    assert_eq!(s.plivo.auth_token.expose_secret(), TOKEN);
+}
+
+#[test]
+fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
+    let file = temp_file(
+        "[amqp]\nprefix = \"from-file\"\nprefetch = 300\n[http]\nbody_limit_bytes = 1000\n",
+    );
+    let s: IngressSettings = load_with_env(
+        Some(file.path()),
+        with_token(&[("SMSFLOW_AMQP__PREFETCH", "700")]),
+    )
+    .unwrap();
+    assert_eq!(s.amqp.prefix, "from-file");
+    assert_eq!(s.amqp.prefetch, 700);
+    assert_eq!(s.http.body_limit_bytes, 1000);
+}
+
+#[test]
+fn a_missing_required_secret_names_the_key_and_how_to_set_it() {
+    let err = load_with_env::<WorkerSettings>(None, env(&[])).unwrap_err();
+    assert_eq!(err.key, "plivo.auth_token");
+    assert!(err.message.contains("SMSFLOW_PLIVO__AUTH_TOKEN"), "{err}");
+    assert!(!err.to_string().contains('\n'), "one line: {err}");
+}
+
+#[test]
+fn numeric_looking_values_still_work_for_string_and_secret_fields() {
+    let vars = env(&[
+        ("SMSFLOW_PLIVO__AUTH_TOKEN", "0012345"),
+        ("SMSFLOW_PLIVO__AUTH_ID", "123456"),
+        ("SMSFLOW_PLIVO__DEFAULT_SENDER", "14155550100"),
+        ("SMSFLOW_AMQP__PREFIX", "42"),
+    ]);
+    let s: IngressSettings = load_with_env(None, vars).unwrap();
+    assert_eq!(s.plivo.auth_id, "123456");
+    assert_eq!(s.plivo.default_sender, "14155550100");
+    assert_eq!(s.amqp.prefix, "42");
+    // Leading zeros are lost when a value is typed as a number; quoting keeps them.
+    let quoted: IngressSettings =
+        load_with_env(None, env(&[("SMSFLOW_PLIVO__AUTH_TOKEN", "\"0012345\"")])).unwrap();
+    assert_eq!(quoted.plivo.auth_token.expose_secret(), "0012345");
+}
+
+#[test]
+fn secrets_can_come_from_files_verbatim() {
+    let file = temp_file("0042-from-file\n");
+    let vars = env(&[(
+        "SMSFLOW_PLIVO__AUTH_TOKEN_FILE",
+        file.path().to_str().unwrap(),
+    )]);
+    let s: IngressSettings = load_with_env(None, vars).unwrap();
+    assert_eq!(s.plivo.auth_token.expose_secret(), "0042-from-file");
+
+    let missing = env(&[("SMSFLOW_PLIVO__AUTH_TOKEN_FILE", "/nonexistent/token")]);
+    let err = load_with_env::<IngressSettings>(None, missing).unwrap_err();
+    assert_eq!(err.key, "plivo.auth_token");
+    assert!(
+        err.message.contains("SMSFLOW_PLIVO__AUTH_TOKEN_FILE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_the_key_and_its_source() {
+    let err =
+        load_with_env::<IngressSettings>(None, with_token(&[("SMSFLOW_AMQP__PREFETCH", "lots")]))
+            .unwrap_err();
+    assert_eq!(err.key, "amqp.prefetch");
+    assert!(err.message.contains("SMSFLOW_AMQP__PREFETCH"), "{err}");
+}
+
+#[test]
+fn invalid_values_are_refused_with_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "SMSFLOW_HTTP__PUBLIC_BASE_URL",
+            "https://example.com/",
+            "http.public_base_url",
+        ),
+        (
+            "SMSFLOW_HTTP__PUBLIC_BASE_URL",
+            "example.com",
+            "http.public_base_url",
+        ),
+        ("SMSFLOW_AMQP__URL", "http://broker", "amqp.url"),
+        ("SMSFLOW_AMQP__PREFIX", "bad prefix", "amqp.prefix"),
+        (
+            "SMSFLOW_AMQP__PUBLISH_CHANNELS",
+            "0",
+            "amqp.publish_channels",
+        ),
+        (
+            "SMSFLOW_TELEMETRY__SAMPLE_RATIO",
+            "1.5",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "SMSFLOW_TELEMETRY__LOG_FORMAT",
+            "xml",
+            "telemetry.log_format",
+        ),
+        ("SMSFLOW_HTTP__LISTEN", "not-an-address", "http.listen"),
+    ];
+    for (name, value, key) in cases {
+        let err: ConfigError =
+            load_with_env::<IngressSettings>(None, with_token(&[(name, value)])).unwrap_err();
+        assert_eq!(&err.key, key, "{name}={value}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_config_file_is_an_error_not_silently_ignored() {
+    let err = load_with_env::<IngressSettings>(
+        Some(std::path::Path::new("/nonexistent.toml")),
+        with_token(&[]),
+    )
+    .unwrap_err();
+    assert_eq!(err.key, "--config");
+}
+
+#[test]
+fn additional_tokens_accept_a_comma_separated_string() {
+    let s: IngressSettings = load_with_env(
+        None,
+        with_token(&[(
+            "SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS",
+            "old-one, older-two",
+        )]),
+    )
+    .unwrap();
+    let tokens: Vec<String> = s
+        .plivo
+        .account_tokens()
+        .iter()
+        .map(|t| t.expose_secret().to_owned())
+        .collect();
+    assert_eq!(tokens, [TOKEN, "old-one", "older-two"]);
+}
+
+#[test]
+fn secrets_never_appear_in_debug_or_rendered_output() {
+    let vars = with_token(&[
+        ("SMSFLOW_PLIVO__MAIN_AUTH_TOKEN", "main-secret-token"),
+        (
+            "SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS",
+            "rotated-secret-token",
+        ),
+        (
+            "SMSFLOW_DATABASE__URL",
+            "postgres://app:db-password@db/smsflow",
+        ),
+        (
+            "SMSFLOW_AMQP__URL",
+            "amqp://app:broker-password@mq:5672/%2f",
+        ),
+    ]);
+    let s: WorkerSettings = load_with_env(None, vars).unwrap();
+    let debug = format!("{s:?}");
+    let rendered = render(&s);
+    for secret in [
+        TOKEN,
+        "main-secret-token",
+        "rotated-secret-token",
+        "db-password",
+        "broker-password",
+    ] {
+        assert!(!debug.contains(secret), "Debug leaks {secret}");
+        assert!(!rendered.contains(secret), "rendered config leaks {secret}");
+    }
+    assert!(rendered.contains("[REDACTED]"));
+    assert!(rendered.contains("prefix = \"smsflow\""), "{rendered}");
+}
+
+/// A file removed on drop (no extra dependency for one helper).
+mod tempfile_lite {
+    use super::*;
+
+    pub struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        pub fn with(contents: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("smsflow-test-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(contents.as_bytes()))
+                .unwrap();
+            Self(path)
+        }
+
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
