@@ -23,10 +23,7 @@ pub enum IngressError {
     #[error("no such route")]
     NotFound,
     #[error("message broker unavailable: {reason}")]
-    Unavailable {
-        reason: String,
-        retry_after_secs: u32,
-    },
+    Unavailable { reason: String, retry_after_secs: u32 },
 }
 
 impl IngressError {
@@ -66,18 +63,14 @@ impl IntoResponse for IngressError {
             tracing::debug!(error = %self, status = status.as_u16(), "request rejected");
         }
         let retry_after = match &self {
-            Self::Unavailable {
-                retry_after_secs, ..
-            } => Some(u64::from(*retry_after_secs)),
+            Self::Unavailable { retry_after_secs, .. } => Some(u64::from(*retry_after_secs)),
             Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         };
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
         let mut response = (status, Json(body)).into_response();
         if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

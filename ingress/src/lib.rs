@@ -61,9 +61,7 @@ impl AppState {
     pub(crate) fn unverified(&self, error: IngressError) -> IngressError {
         match self.unverified_budget.try_take() {
             Ok(()) => error,
-            Err(wait) => IngressError::RateLimited {
-                retry_after_secs: wait.as_secs().max(1),
-            },
+            Err(wait) => IngressError::RateLimited { retry_after_secs: wait.as_secs().max(1) },
         }
     }
 }
@@ -73,22 +71,13 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let security_headers = [
         ("x-content-type-options", "nosniff"),
         ("x-frame-options", "DENY"),
-        (
-            "content-security-policy",
-            "default-src 'none'; frame-ancestors 'none'",
-        ),
+        ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
         ("referrer-policy", "no-referrer"),
         ("cache-control", "no-store"),
     ];
     let mut router = Router::new()
-        .route(
-            "/plivo/callback",
-            get(routes::plivo::status_callback).post(routes::plivo::status_callback),
-        )
-        .route(
-            "/plivo/inbound",
-            get(routes::plivo::inbound_message).post(routes::plivo::inbound_message),
-        )
+        .route("/plivo/callback", get(routes::plivo::status_callback).post(routes::plivo::status_callback))
+        .route("/plivo/inbound", get(routes::plivo::inbound_message).post(routes::plivo::inbound_message))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
@@ -105,27 +94,18 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             // The span names the path only: a GET callback's query carries phone numbers.
-            .layer(
-                TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                    let request_id = request
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!(
-                        "http request",
-                        otel.kind = "server",
-                        http.request.method = %request.method(),
-                        url.path = %request.uri().path(),
-                        request_id = %request_id,
-                    )
-                }),
-            )
+            .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+                let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                tracing::info_span!(
+                    "http request",
+                    otel.kind = "server",
+                    http.request.method = %request.method(),
+                    url.path = %request.uri().path(),
+                    request_id = %request_id,
+                )
+            }))
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(TimeoutLayer::with_status_code(
-                StatusCode::REQUEST_TIMEOUT,
-                request_timeout,
-            )),
+            .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout)),
     )
 }
 
@@ -136,11 +116,7 @@ async fn not_found() -> IngressError {
 /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests finish
 /// (each one either got its confirm and answered 200, or answered 503) for at most the grace
 /// period, and closes the broker connection.
-pub async fn run(
-    settings: IngressSettings,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let broker_shutdown = CancellationToken::new();
     let publisher = Publisher::start(
         settings.amqp.clone(),
@@ -148,18 +124,13 @@ pub async fn run(
         "smsflow-ingress",
         broker_shutdown.clone(),
     );
-    let app = router(
-        AppState::new(&settings, publisher.clone()),
-        Duration::from_millis(settings.http.request_timeout_ms),
-    );
+    let app =
+        router(AppState::new(&settings, publisher.clone()), Duration::from_millis(settings.http.request_timeout_ms));
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
 
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
     let outcome = tokio::select! {
         result = &mut server => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),

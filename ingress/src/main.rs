@@ -27,10 +27,7 @@ async fn main() -> std::process::ExitCode {
     let listener = match tokio::net::TcpListener::bind(settings.http.listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            return shared::cli::fail(
-                "smsflow-ingress",
-                &format!("cannot listen on {}: {e}", settings.http.listen),
-            );
+            return shared::cli::fail("smsflow-ingress", &format!("cannot listen on {}: {e}", settings.http.listen));
         }
     };
     let shutdown = CancellationToken::new();

@@ -23,16 +23,11 @@ pub struct ConfigArgs {
 
 /// Loads settings, or prints one line naming the problem and exits with code 2. With
 /// `--check-config`, prints the effective configuration and exits 0.
-pub fn load_settings_or_exit<T: DeserializeOwned + Validate + Serialize>(
-    program: &str,
-    args: &ConfigArgs,
-) -> T {
+pub fn load_settings_or_exit<T: DeserializeOwned + Validate + Serialize>(program: &str, args: &ConfigArgs) -> T {
     match config::load::<T>(args.config.as_deref()) {
         Ok(settings) => {
             if args.check_config {
-                println!(
-                    "# {program}: configuration is valid; effective values (secrets redacted):"
-                );
+                println!("# {program}: configuration is valid; effective values (secrets redacted):");
                 print!("{}", config::render(&settings));
                 std::process::exit(0);
             }

@@ -33,10 +33,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
+        Self { key: key.into(), message: message.into() }
     }
 }
 
@@ -47,9 +44,7 @@ pub trait Validate {
 
 /// Loads settings from the process environment and the optional file.
 pub fn load<T: DeserializeOwned + Validate>(file: Option<&Path>) -> Result<T, ConfigError> {
-    let file = file
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+    let file = file.map(Path::to_path_buf).or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
     load_with_env(file.as_deref(), std::env::vars())
 }
 
@@ -58,17 +53,11 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
+    let env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     let mut figment = Figment::new().merge(Toml::string(DEFAULTS_TOML));
     if let Some(path) = file {
         if !path.is_file() {
-            return Err(ConfigError::new(
-                "--config",
-                format!("{} is not a readable file", path.display()),
-            ));
+            return Err(ConfigError::new("--config", format!("{} is not a readable file", path.display())));
         }
         figment = figment.merge(Toml::file_exact(path));
     }
@@ -79,19 +68,12 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
         let var = match name.strip_suffix(FILE_SUFFIX) {
             Some(target) => {
                 let key = env_name_to_key(target);
-                let contents = std::fs::read_to_string(value).map_err(|e| {
-                    ConfigError::new(key.clone(), format!("cannot read {name}={value}: {e}"))
-                })?;
-                let contents = contents
-                    .strip_suffix('\n')
-                    .map(|v| v.strip_suffix('\r').unwrap_or(v))
-                    .unwrap_or(&contents);
+                let contents = std::fs::read_to_string(value)
+                    .map_err(|e| ConfigError::new(key.clone(), format!("cannot read {name}={value}: {e}")))?;
+                let contents =
+                    contents.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&contents);
                 // A secret read from a file stays a string, whatever it looks like.
-                EnvVar {
-                    source: format!("file named by {name}"),
-                    key,
-                    value: Value::from(contents.to_owned()),
-                }
+                EnvVar { source: format!("file named by {name}"), key, value: Value::from(contents.to_owned()) }
             }
             None => EnvVar {
                 source: format!("environment variable {name}"),
@@ -119,40 +101,31 @@ impl Provider for EnvVar {
         Metadata::named(self.source.clone())
     }
 
-    fn data(
-        &self,
-    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         Serialized::default(&self.key, &self.value).data()
     }
 }
 
 /// `SMSFLOW_PLIVO__AUTH_TOKEN` → `plivo.auth_token`.
 pub fn env_name_to_key(name: &str) -> String {
-    name.strip_prefix(ENV_PREFIX)
-        .unwrap_or(name)
-        .to_ascii_lowercase()
-        .replace("__", ".")
+    name.strip_prefix(ENV_PREFIX).unwrap_or(name).to_ascii_lowercase().replace("__", ".")
 }
 
 /// `plivo.auth_token` → `SMSFLOW_PLIVO__AUTH_TOKEN`.
 pub fn key_to_env_name(key: &str) -> String {
-    format!(
-        "{ENV_PREFIX}{}",
-        key.to_ascii_uppercase().replace('.', "__")
-    )
+    format!("{ENV_PREFIX}{}", key.to_ascii_uppercase().replace('.', "__"))
 }
 
 fn describe_figment_error(err: figment::Error) -> ConfigError {
     use figment::error::Kind;
     let mut key = err.path.join(".");
-    let source = err.metadata.as_ref().map(|m| m.name.to_string());
+    let source = err.metadata.as_ref().map(|m| match &m.source {
+        Some(source) => format!("{} {source}", m.name),
+        None => m.name.to_string(),
+    });
     let message = match &err.kind {
         Kind::MissingField(field) => {
-            key = if key.is_empty() {
-                field.to_string()
-            } else {
-                format!("{key}.{field}")
-            };
+            key = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
             format!(
                 "is required but not set (set {} or {}_FILE, or `{key}` in the config file)",
                 key_to_env_name(&key),
@@ -164,14 +137,18 @@ fn describe_figment_error(err: figment::Error) -> ConfigError {
             format!("{other}{from}")
         }
     };
-    ConfigError::new(
-        if key.is_empty() {
-            "configuration".into()
-        } else {
-            key
-        },
-        message,
-    )
+    // Parse errors span several lines (with a caret diagram); the contract is one line.
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.trim_start_matches(|c: char| c.is_ascii_digit()).starts_with(" |")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    ConfigError::new(if key.is_empty() { "configuration".into() } else { key }, message)
 }
 
 /// Renders settings as TOML with every secret replaced by `[REDACTED]`.
@@ -200,10 +177,7 @@ impl HttpSettings {
         validate_base_url("http.public_base_url", &self.public_base_url)?;
         positive("http.body_limit_bytes", self.body_limit_bytes as u64)?;
         positive("http.request_timeout_ms", self.request_timeout_ms)?;
-        positive(
-            "http.unverified_per_second",
-            self.unverified_per_second.into(),
-        )?;
+        positive("http.unverified_per_second", self.unverified_per_second.into())?;
         positive("http.unverified_burst", self.unverified_burst.into())
     }
 }
@@ -227,17 +201,9 @@ impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let url = self.url.expose_secret();
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(ConfigError::new(
-                "amqp.url",
-                "must start with amqp:// or amqps://",
-            ));
+            return Err(ConfigError::new("amqp.url", "must start with amqp:// or amqps://"));
         }
-        if self.prefix.is_empty()
-            || !self
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if self.prefix.is_empty() || !self.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(ConfigError::new(
                 "amqp.prefix",
                 "must be non-empty and use only letters, digits, '-', '_' and '.'",
@@ -249,10 +215,7 @@ impl AmqpSettings {
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
         if self.retry_delays_ms.iter().any(|d| *d == 0) {
-            return Err(ConfigError::new(
-                "amqp.retry_delays_ms",
-                "every delay must be > 0",
-            ));
+            return Err(ConfigError::new("amqp.retry_delays_ms", "every delay must be > 0"));
         }
         Ok(())
     }
@@ -270,10 +233,7 @@ impl DatabaseSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let url = self.url.expose_secret();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(ConfigError::new(
-                "database.url",
-                "must start with postgres:// or postgresql://",
-            ));
+            return Err(ConfigError::new("database.url", "must start with postgres:// or postgresql://"));
         }
         positive("database.max_connections", self.max_connections.into())?;
         positive("database.acquire_timeout_ms", self.acquire_timeout_ms)
@@ -286,11 +246,7 @@ pub struct PlivoSettings {
     pub auth_id: String,
     #[serde(deserialize_with = "de::secret", serialize_with = "redact::secret")]
     pub auth_token: SecretString,
-    #[serde(
-        default,
-        deserialize_with = "de::secret_list",
-        serialize_with = "redact::secret_list"
-    )]
+    #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
     pub additional_auth_tokens: Vec<SecretString>,
     #[serde(
         default,
@@ -313,25 +269,11 @@ impl PlivoSettings {
         if self.auth_token.expose_secret().is_empty() {
             return Err(ConfigError::new("plivo.auth_token", "must not be empty"));
         }
-        if self
-            .additional_auth_tokens
-            .iter()
-            .any(|t| t.expose_secret().is_empty())
-        {
-            return Err(ConfigError::new(
-                "plivo.additional_auth_tokens",
-                "must not contain empty tokens",
-            ));
+        if self.additional_auth_tokens.iter().any(|t| t.expose_secret().is_empty()) {
+            return Err(ConfigError::new("plivo.additional_auth_tokens", "must not contain empty tokens"));
         }
-        if self
-            .main_auth_token
-            .as_ref()
-            .is_some_and(|t| t.expose_secret().is_empty())
-        {
-            return Err(ConfigError::new(
-                "plivo.main_auth_token",
-                "must not be empty when set",
-            ));
+        if self.main_auth_token.as_ref().is_some_and(|t| t.expose_secret().is_empty()) {
+            return Err(ConfigError::new("plivo.main_auth_token", "must not be empty when set"));
         }
         validate_base_url("plivo.api_base_url", &self.api_base_url)?;
         positive("plivo.connect_timeout_ms", self.connect_timeout_ms)?;
@@ -340,9 +282,7 @@ impl PlivoSettings {
 
     /// Tokens whose signatures `X-Plivo-Signature-V3` may carry (current first).
     pub fn account_tokens(&self) -> Vec<SecretString> {
-        std::iter::once(self.auth_token.clone())
-            .chain(self.additional_auth_tokens.iter().cloned())
-            .collect()
+        std::iter::once(self.auth_token.clone()).chain(self.additional_auth_tokens.iter().cloned()).collect()
     }
 }
 
@@ -367,22 +307,14 @@ pub struct TelemetrySettings {
 impl TelemetrySettings {
     fn validate(&self) -> Result<(), ConfigError> {
         if !(0.0..=1.0).contains(&self.sample_ratio) {
-            return Err(ConfigError::new(
-                "telemetry.sample_ratio",
-                "must be between 0.0 and 1.0",
-            ));
+            return Err(ConfigError::new("telemetry.sample_ratio", "must be between 0.0 and 1.0"));
         }
         if !self.otlp_endpoint.is_empty() {
             validate_base_url("telemetry.otlp_endpoint", &self.otlp_endpoint)?;
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_filter)
             .map(|_| ())
-            .map_err(|e| {
-                ConfigError::new(
-                    "telemetry.log_filter",
-                    format!("is not a valid filter: {e}"),
-                )
-            })
+            .map_err(|e| ConfigError::new("telemetry.log_filter", format!("is not a valid filter: {e}")))
     }
 }
 
@@ -443,31 +375,19 @@ impl Validate for WorkerSettings {
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
-    if value == 0 {
-        Err(ConfigError::new(key, "must be greater than 0"))
-    } else {
-        Ok(())
-    }
+    if value == 0 { Err(ConfigError::new(key, "must be greater than 0")) } else { Ok(()) }
 }
 
 fn validate_base_url(key: &str, value: &str) -> Result<(), ConfigError> {
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
-        .ok_or_else(|| {
-            ConfigError::new(
-                key,
-                format!("must start with http:// or https:// (got {value:?})"),
-            )
-        })?;
+        .ok_or_else(|| ConfigError::new(key, format!("must start with http:// or https:// (got {value:?})")))?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(ConfigError::new(key, "must name a host"));
     }
     if value.ends_with('/') || value.contains(['?', '#']) {
-        return Err(ConfigError::new(
-            key,
-            "must not end with '/' or carry a query or fragment",
-        ));
+        return Err(ConfigError::new(key, "must not end with '/' or carry a query or fragment"));
     }
     Ok(())
 }
@@ -522,13 +442,9 @@ pub mod de {
         }
         let items: Vec<String> = match ListOrOne::deserialize(d)? {
             ListOrOne::List(items) => items.into_iter().map(Scalar::into_string).collect(),
-            ListOrOne::One(one) => one
-                .into_string()
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            ListOrOne::One(one) => {
+                one.into_string().split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+            }
         };
         Ok(items.into_iter().map(SecretString::from).collect())
     }

@@ -27,8 +27,5 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 /// Applies pending migrations; safe to run from several processes at once (sqlx takes an
 /// advisory lock).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .map_err(|e| anyhow::anyhow!("applying database migrations failed: {e}"))
+    MIGRATOR.run(pool).await.map_err(|e| anyhow::anyhow!("applying database migrations failed: {e}"))
 }

@@ -12,11 +12,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate_per_sec: f64, burst: f64) -> Self {
-        Self {
-            rate_per_sec,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
+        Self { rate_per_sec, burst, state: Mutex::new((burst, Instant::now())) }
     }
 
     /// Takes a token if one is available now; otherwise says how long until one will be.
@@ -24,8 +20,7 @@ impl TokenBucket {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let (tokens, last) = *state;
-        let tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * self.rate_per_sec).min(self.burst);
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate_per_sec).min(self.burst);
         if tokens >= 1.0 {
             *state = (tokens - 1.0, now);
             Ok(())
@@ -45,9 +40,6 @@ mod tests {
         let bucket = TokenBucket::new(1.0, 3.0);
         assert!((0..3).all(|_| bucket.try_take().is_ok()));
         let wait = bucket.try_take().unwrap_err();
-        assert!(
-            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
-            "{wait:?}"
-        );
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
     }
 }

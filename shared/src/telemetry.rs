@@ -46,11 +46,7 @@ pub fn init(service: &'static str, settings: &TelemetrySettings) -> anyhow::Resu
     };
     let fmt_layer: Box<dyn Layer<Registry> + Send + Sync> = if json {
         Box::new(
-            tracing_subscriber::fmt::layer()
-                .json()
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false),
+            tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false),
         )
     } else {
         Box::new(tracing_subscriber::fmt::layer())
@@ -64,17 +60,12 @@ pub fn init(service: &'static str, settings: &TelemetrySettings) -> anyhow::Resu
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
             .with_endpoint(settings.otlp_endpoint.clone())
             .build()?;
-        let sampler =
-            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
         Some(
             SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
                 .with_sampler(sampler)
-                .with_resource(
-                    opentelemetry_sdk::Resource::builder()
-                        .with_service_name(service)
-                        .build(),
-                )
+                .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
                 .build(),
         )
     };
@@ -84,10 +75,6 @@ pub fn init(service: &'static str, settings: &TelemetrySettings) -> anyhow::Resu
     });
 
     // Ignore "already set": tests start several services in one process.
-    let _ = tracing_subscriber::registry()
-        .with(fmt_layer)
-        .with(otel_layer)
-        .with(filter)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(fmt_layer).with(otel_layer).with(filter).try_init();
     Ok(TelemetryGuard { provider })
 }

@@ -17,8 +17,7 @@ pub fn amqp_url() -> String {
     std::env::var("SMSFLOW_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
-const START_HINT: &str =
-    "start it with `docker compose up -d rabbitmq` or `rabbitmq-server -detached`";
+const START_HINT: &str = "start it with `docker compose up -d rabbitmq` or `rabbitmq-server -detached`";
 
 /// A RabbitMQ topology under a random prefix, deleted when dropped.
 pub struct TestBroker {
@@ -41,12 +40,7 @@ impl TestBroker {
             .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {url}: {e}; {START_HINT}"));
         let channel = connection.create_channel().await.expect("open a channel");
         let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
-        Self {
-            prefix,
-            topology,
-            connection,
-            channel,
-        }
+        Self { prefix, topology, connection, channel }
     }
 
     /// Settings pointing at this broker and prefix.
@@ -69,10 +63,7 @@ impl TestBroker {
 
     /// Messages ready in a queue.
     pub async fn len(&self, queue: &str) -> u32 {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         self.channel
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await
@@ -86,8 +77,7 @@ impl TestBroker {
             names.push(self.topology.queue(stream));
             names.push(self.topology.dead_letter_queue(stream));
             names.extend(
-                (1..=self.topology.retry_delays_ms().len())
-                    .filter_map(|n| self.topology.retry_queue(stream, n)),
+                (1..=self.topology.retry_delays_ms().len()).filter_map(|n| self.topology.retry_queue(stream, n)),
             );
         }
         names
@@ -97,37 +87,25 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let queues = self.queue_names();
-        let exchanges = [
-            self.topology.exchange(),
-            self.topology.dead_letter_exchange(),
-        ];
+        let exchanges = [self.topology.exchange(), self.topology.dead_letter_exchange()];
         // Drop cannot await; clean up on a thread of its own so a failed test still cleans up.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async move {
-                let Ok(connection) =
-                    Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                else {
+                let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
                     return;
                 };
                 for queue in queues {
                     let Ok(channel) = connection.create_channel().await else {
                         return;
                     };
-                    let _ = channel
-                        .queue_delete(queue.into(), QueueDeleteOptions::default())
-                        .await;
+                    let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
                 }
                 for exchange in exchanges {
                     let Ok(channel) = connection.create_channel().await else {
                         return;
                     };
-                    let _ = channel
-                        .exchange_delete(exchange.into(), Default::default())
-                        .await;
+                    let _ = channel.exchange_delete(exchange.into(), Default::default()).await;
                 }
                 let _ = connection.close(200, "test cleanup".into()).await;
             });
@@ -148,18 +126,9 @@ pub fn base_worker_settings() -> WorkerSettings {
 
 fn test_env() -> Vec<(String, String)> {
     vec![
-        (
-            "SMSFLOW_PLIVO__AUTH_TOKEN".into(),
-            format!("\"{TEST_AUTH_TOKEN}\""),
-        ),
-        (
-            "SMSFLOW_PLIVO__AUTH_ID".into(),
-            "MATESTACCOUNT000000001".into(),
-        ),
-        (
-            "SMSFLOW_HTTP__PUBLIC_BASE_URL".into(),
-            TEST_PUBLIC_BASE_URL.into(),
-        ),
+        ("SMSFLOW_PLIVO__AUTH_TOKEN".into(), format!("\"{TEST_AUTH_TOKEN}\"")),
+        ("SMSFLOW_PLIVO__AUTH_ID".into(), "MATESTACCOUNT000000001".into()),
+        ("SMSFLOW_HTTP__PUBLIC_BASE_URL".into(), TEST_PUBLIC_BASE_URL.into()),
         ("SMSFLOW_TELEMETRY__LOG_FILTER".into(), "warn".into()),
     ]
 }
@@ -173,9 +142,7 @@ pub struct CuttableProxy {
 
 impl CuttableProxy {
     pub async fn start(target: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let address = listener.local_addr().expect("proxy address");
         let (up, _) = tokio::sync::watch::channel(true);
         let up = std::sync::Arc::new(up);
@@ -235,17 +202,11 @@ pub fn form_encode(pairs: &[(String, String)]) -> String {
     fn encode(s: &str) -> String {
         s.bytes()
             .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
-                    (b as char).to_string()
-                }
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => (b as char).to_string(),
                 b' ' => "+".to_string(),
                 _ => format!("%{b:02X}"),
             })
             .collect()
     }
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    pairs.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
 }

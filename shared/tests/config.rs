@@ -8,10 +8,7 @@ use shared::config::{ConfigError, IngressSettings, WorkerSettings, load_with_env
 const TOKEN: &str = "s3cr3t-T0KEN-value-that-must-never-print";
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn with_token(extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -37,14 +34,9 @@ fn defaults_apply_when_nothing_else_is_set() {
 
 #[test]
 fn a_file_overrides_defaults_and_the_environment_overrides_the_file() {
-    let file = temp_file(
-        "[amqp]\nprefix = \"from-file\"\nprefetch = 300\n[http]\nbody_limit_bytes = 1000\n",
-    );
-    let s: IngressSettings = load_with_env(
-        Some(file.path()),
-        with_token(&[("SMSFLOW_AMQP__PREFETCH", "700")]),
-    )
-    .unwrap();
+    let file = temp_file("[amqp]\nprefix = \"from-file\"\nprefetch = 300\n[http]\nbody_limit_bytes = 1000\n");
+    let s: IngressSettings =
+        load_with_env(Some(file.path()), with_token(&[("SMSFLOW_AMQP__PREFETCH", "700")])).unwrap();
     assert_eq!(s.amqp.prefix, "from-file");
     assert_eq!(s.amqp.prefetch, 700);
     assert_eq!(s.http.body_limit_bytes, 1000);
@@ -71,35 +63,26 @@ fn numeric_looking_values_still_work_for_string_and_secret_fields() {
     assert_eq!(s.plivo.default_sender, "14155550100");
     assert_eq!(s.amqp.prefix, "42");
     // Leading zeros are lost when a value is typed as a number; quoting keeps them.
-    let quoted: IngressSettings =
-        load_with_env(None, env(&[("SMSFLOW_PLIVO__AUTH_TOKEN", "\"0012345\"")])).unwrap();
+    let quoted: IngressSettings = load_with_env(None, env(&[("SMSFLOW_PLIVO__AUTH_TOKEN", "\"0012345\"")])).unwrap();
     assert_eq!(quoted.plivo.auth_token.expose_secret(), "0012345");
 }
 
 #[test]
 fn secrets_can_come_from_files_verbatim() {
     let file = temp_file("0042-from-file\n");
-    let vars = env(&[(
-        "SMSFLOW_PLIVO__AUTH_TOKEN_FILE",
-        file.path().to_str().unwrap(),
-    )]);
+    let vars = env(&[("SMSFLOW_PLIVO__AUTH_TOKEN_FILE", file.path().to_str().unwrap())]);
     let s: IngressSettings = load_with_env(None, vars).unwrap();
     assert_eq!(s.plivo.auth_token.expose_secret(), "0042-from-file");
 
     let missing = env(&[("SMSFLOW_PLIVO__AUTH_TOKEN_FILE", "/nonexistent/token")]);
     let err = load_with_env::<IngressSettings>(None, missing).unwrap_err();
     assert_eq!(err.key, "plivo.auth_token");
-    assert!(
-        err.message.contains("SMSFLOW_PLIVO__AUTH_TOKEN_FILE"),
-        "{err}"
-    );
+    assert!(err.message.contains("SMSFLOW_PLIVO__AUTH_TOKEN_FILE"), "{err}");
 }
 
 #[test]
 fn a_value_of_the_wrong_type_names_the_key_and_its_source() {
-    let err =
-        load_with_env::<IngressSettings>(None, with_token(&[("SMSFLOW_AMQP__PREFETCH", "lots")]))
-            .unwrap_err();
+    let err = load_with_env::<IngressSettings>(None, with_token(&[("SMSFLOW_AMQP__PREFETCH", "lots")])).unwrap_err();
     assert_eq!(err.key, "amqp.prefetch");
     assert!(err.message.contains("SMSFLOW_AMQP__PREFETCH"), "{err}");
 }
@@ -107,68 +90,33 @@ fn a_value_of_the_wrong_type_names_the_key_and_its_source() {
 #[test]
 fn invalid_values_are_refused_with_the_key() {
     let cases: &[(&str, &str, &str)] = &[
-        (
-            "SMSFLOW_HTTP__PUBLIC_BASE_URL",
-            "https://example.com/",
-            "http.public_base_url",
-        ),
-        (
-            "SMSFLOW_HTTP__PUBLIC_BASE_URL",
-            "example.com",
-            "http.public_base_url",
-        ),
+        ("SMSFLOW_HTTP__PUBLIC_BASE_URL", "https://example.com/", "http.public_base_url"),
+        ("SMSFLOW_HTTP__PUBLIC_BASE_URL", "example.com", "http.public_base_url"),
         ("SMSFLOW_AMQP__URL", "http://broker", "amqp.url"),
         ("SMSFLOW_AMQP__PREFIX", "bad prefix", "amqp.prefix"),
-        (
-            "SMSFLOW_AMQP__PUBLISH_CHANNELS",
-            "0",
-            "amqp.publish_channels",
-        ),
-        (
-            "SMSFLOW_TELEMETRY__SAMPLE_RATIO",
-            "1.5",
-            "telemetry.sample_ratio",
-        ),
-        (
-            "SMSFLOW_TELEMETRY__LOG_FORMAT",
-            "xml",
-            "telemetry.log_format",
-        ),
+        ("SMSFLOW_AMQP__PUBLISH_CHANNELS", "0", "amqp.publish_channels"),
+        ("SMSFLOW_TELEMETRY__SAMPLE_RATIO", "1.5", "telemetry.sample_ratio"),
+        ("SMSFLOW_TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
         ("SMSFLOW_HTTP__LISTEN", "not-an-address", "http.listen"),
     ];
     for (name, value, key) in cases {
-        let err: ConfigError =
-            load_with_env::<IngressSettings>(None, with_token(&[(name, value)])).unwrap_err();
+        let err: ConfigError = load_with_env::<IngressSettings>(None, with_token(&[(name, value)])).unwrap_err();
         assert_eq!(&err.key, key, "{name}={value}: {err}");
     }
 }
 
 #[test]
 fn a_missing_config_file_is_an_error_not_silently_ignored() {
-    let err = load_with_env::<IngressSettings>(
-        Some(std::path::Path::new("/nonexistent.toml")),
-        with_token(&[]),
-    )
-    .unwrap_err();
+    let err =
+        load_with_env::<IngressSettings>(Some(std::path::Path::new("/nonexistent.toml")), with_token(&[])).unwrap_err();
     assert_eq!(err.key, "--config");
 }
 
 #[test]
 fn additional_tokens_accept_a_comma_separated_string() {
-    let s: IngressSettings = load_with_env(
-        None,
-        with_token(&[(
-            "SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS",
-            "old-one, older-two",
-        )]),
-    )
-    .unwrap();
-    let tokens: Vec<String> = s
-        .plivo
-        .account_tokens()
-        .iter()
-        .map(|t| t.expose_secret().to_owned())
-        .collect();
+    let s: IngressSettings =
+        load_with_env(None, with_token(&[("SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS", "old-one, older-two")])).unwrap();
+    let tokens: Vec<String> = s.plivo.account_tokens().iter().map(|t| t.expose_secret().to_owned()).collect();
     assert_eq!(tokens, [TOKEN, "old-one", "older-two"]);
 }
 
@@ -176,29 +124,14 @@ fn additional_tokens_accept_a_comma_separated_string() {
 fn secrets_never_appear_in_debug_or_rendered_output() {
     let vars = with_token(&[
         ("SMSFLOW_PLIVO__MAIN_AUTH_TOKEN", "main-secret-token"),
-        (
-            "SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS",
-            "rotated-secret-token",
-        ),
-        (
-            "SMSFLOW_DATABASE__URL",
-            "postgres://app:db-password@db/smsflow",
-        ),
-        (
-            "SMSFLOW_AMQP__URL",
-            "amqp://app:broker-password@mq:5672/%2f",
-        ),
+        ("SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS", "rotated-secret-token"),
+        ("SMSFLOW_DATABASE__URL", "postgres://app:db-password@db/smsflow"),
+        ("SMSFLOW_AMQP__URL", "amqp://app:broker-password@mq:5672/%2f"),
     ]);
     let s: WorkerSettings = load_with_env(None, vars).unwrap();
     let debug = format!("{s:?}");
     let rendered = render(&s);
-    for secret in [
-        TOKEN,
-        "main-secret-token",
-        "rotated-secret-token",
-        "db-password",
-        "broker-password",
-    ] {
+    for secret in [TOKEN, "main-secret-token", "rotated-secret-token", "db-password", "broker-password"] {
         assert!(!debug.contains(secret), "Debug leaks {secret}");
         assert!(!rendered.contains(secret), "rendered config leaks {secret}");
     }
@@ -214,11 +147,8 @@ mod tempfile_lite {
 
     impl TempFile {
         pub fn with(contents: &str) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("smsflow-test-{}.toml", uuid::Uuid::new_v4()));
-            std::fs::File::create(&path)
-                .and_then(|mut f| f.write_all(contents.as_bytes()))
-                .unwrap();
+            let path = std::env::temp_dir().join(format!("smsflow-test-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::File::create(&path).and_then(|mut f| f.write_all(contents.as_bytes())).unwrap();
             Self(path)
         }
 

@@ -7,9 +7,7 @@ use proptest::prelude::*;
 use secrecy::SecretString;
 use serde::Deserialize;
 use shared::plivo::form::parse_body;
-use shared::plivo::signature::{
-    SignatureHeaders, SignedRequest, Verifier, sign_v3, v3_signed_string,
-};
+use shared::plivo::signature::{SignatureHeaders, SignedRequest, Verifier, sign_v3, v3_signed_string};
 
 #[derive(Debug, Deserialize)]
 struct VectorFile {
@@ -53,10 +51,7 @@ struct Candidate {
 fn vectors() -> VectorFile {
     let path = std::env::var_os("SMSFLOW_SIGNATURE_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../shared/plivo/signature-vectors.json")
-        });
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/plivo/signature-vectors.json"));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read signature vectors at {}: {e}", path.display()));
     serde_json::from_str(&text).expect("signature-vectors.json parses")
@@ -74,11 +69,7 @@ fn body_of(method: &str, raw_body: &str) -> Vec<(String, String)> {
 #[test]
 fn every_shared_vector_verifies_as_expected() {
     let file = vectors();
-    assert!(
-        file.vectors.len() >= 32,
-        "expected at least 32 vectors, found {}",
-        file.vectors.len()
-    );
+    assert!(file.vectors.len() >= 32, "expected at least 32 vectors, found {}", file.vectors.len());
     let mut failures = Vec::new();
     for v in &file.vectors {
         let body = body_of(&v.method, &v.raw_body);
@@ -86,13 +77,9 @@ fn every_shared_vector_verifies_as_expected() {
             assert_eq!(body, v.params, "{}: raw_body decodes to params", v.name);
         }
         if v.version == "v3" {
-            let signed = v3_signed_string(&SignedRequest {
-                method: &v.method,
-                url: &v.url,
-                body: &body,
-                nonce: &v.nonce,
-            })
-            .unwrap();
+            let signed =
+                v3_signed_string(&SignedRequest { method: &v.method, url: &v.url, body: &body, nonce: &v.nonce })
+                    .unwrap();
             if signed != v.expected_signed_string {
                 failures.push(format!(
                     "{}: signed string\n  got      {signed:?}\n  expected {:?}",
@@ -104,29 +91,14 @@ fn every_shared_vector_verifies_as_expected() {
         let header = Some(v.signature_header.as_str());
         let nonce = Some(v.nonce.as_str());
         let headers = match v.signature_header_name.to_ascii_lowercase().as_str() {
-            "x-plivo-signature-v3" => SignatureHeaders {
-                v3: header,
-                v3_nonce: nonce,
-                ..Default::default()
-            },
-            "x-plivo-signature-ma-v3" => SignatureHeaders {
-                ma_v3: header,
-                v3_nonce: nonce,
-                ..Default::default()
-            },
-            "x-plivo-signature-v2" => SignatureHeaders {
-                v2: header,
-                v2_nonce: nonce,
-                ..Default::default()
-            },
+            "x-plivo-signature-v3" => SignatureHeaders { v3: header, v3_nonce: nonce, ..Default::default() },
+            "x-plivo-signature-ma-v3" => SignatureHeaders { ma_v3: header, v3_nonce: nonce, ..Default::default() },
+            "x-plivo-signature-v2" => SignatureHeaders { v2: header, v2_nonce: nonce, ..Default::default() },
             other => panic!("{}: unexpected header {other}", v.name),
         };
         let valid = verifier.verify(&headers, &v.method, &v.url, &body).is_ok();
         if valid != v.expected_valid {
-            failures.push(format!(
-                "{}: valid = {valid}, expected {}",
-                v.name, v.expected_valid
-            ));
+            failures.push(format!("{}: valid = {valid}, expected {}", v.name, v.expected_valid));
         }
     }
     assert!(
@@ -141,45 +113,19 @@ fn every_shared_vector_verifies_as_expected() {
 #[test]
 fn v2_is_refused_unless_enabled() {
     let file = vectors();
-    let v = file
-        .vectors
-        .iter()
-        .find(|v| v.version == "v2" && v.expected_valid)
-        .expect("a valid v2 vector");
-    let headers = SignatureHeaders {
-        v2: Some(&v.signature_header),
-        v2_nonce: Some(&v.nonce),
-        ..Default::default()
-    };
+    let v = file.vectors.iter().find(|v| v.version == "v2" && v.expected_valid).expect("a valid v2 vector");
+    let headers = SignatureHeaders { v2: Some(&v.signature_header), v2_nonce: Some(&v.nonce), ..Default::default() };
     let verifier = Verifier::new(vec![SecretString::from(v.auth_token.clone())], None, false);
-    assert!(
-        verifier
-            .verify(
-                &headers,
-                &v.method,
-                &v.url,
-                &body_of(&v.method, &v.raw_body)
-            )
-            .is_err()
-    );
+    assert!(verifier.verify(&headers, &v.method, &v.url, &body_of(&v.method, &v.raw_body)).is_err());
 }
 
 #[test]
 fn sdk_disagreements_follow_the_canonical_rule() {
     for d in vectors().sdk_disagreements {
-        let canonical = d
-            .candidates
-            .iter()
-            .find(|c| c.rule.starts_with("canonical"))
-            .expect("a canonical candidate");
+        let canonical = d.candidates.iter().find(|c| c.rule.starts_with("canonical")).expect("a canonical candidate");
         let body = body_of(&d.method, &d.raw_body);
-        let signed = v3_signed_string(&SignedRequest {
-            method: &d.method,
-            url: &d.url,
-            body: &body,
-            nonce: &d.nonce,
-        })
-        .unwrap();
+        let signed =
+            v3_signed_string(&SignedRequest { method: &d.method, url: &d.url, body: &body, nonce: &d.nonce }).unwrap();
         assert_eq!(signed, canonical.signed_string, "{}", d.name);
     }
 }
@@ -187,37 +133,17 @@ fn sdk_disagreements_follow_the_canonical_rule() {
 #[test]
 fn main_account_header_verifies_against_the_main_token_and_rotation_accepts_any_token() {
     let body = vec![("Status".to_string(), "sent".to_string())];
-    let req = SignedRequest {
-        method: "POST",
-        url: "https://h.example/cb?ref=1",
-        body: &body,
-        nonce: "1",
-    };
+    let req = SignedRequest { method: "POST", url: "https://h.example/cb?ref=1", body: &body, nonce: "1" };
     let main = sign_v3("main-token", &req).unwrap();
     let old = sign_v3("old-token", &req).unwrap();
-    let tokens = vec![
-        SecretString::from("new-token"),
-        SecretString::from("old-token"),
-    ];
+    let tokens = vec![SecretString::from("new-token"), SecretString::from("old-token")];
     let verifier = Verifier::new(tokens, Some(SecretString::from("main-token")), false);
-    let ma = SignatureHeaders {
-        ma_v3: Some(&main),
-        v3_nonce: Some("1"),
-        ..Default::default()
-    };
+    let ma = SignatureHeaders { ma_v3: Some(&main), v3_nonce: Some("1"), ..Default::default() };
     assert!(verifier.verify(&ma, "POST", req.url, &body).is_ok());
-    let rotated = SignatureHeaders {
-        v3: Some(&old),
-        v3_nonce: Some("1"),
-        ..Default::default()
-    };
+    let rotated = SignatureHeaders { v3: Some(&old), v3_nonce: Some("1"), ..Default::default() };
     assert!(verifier.verify(&rotated, "POST", req.url, &body).is_ok());
     // The main token's signature in the sub-account header is not accepted.
-    let swapped = SignatureHeaders {
-        v3: Some(&main),
-        v3_nonce: Some("1"),
-        ..Default::default()
-    };
+    let swapped = SignatureHeaders { v3: Some(&main), v3_nonce: Some("1"), ..Default::default() };
     assert!(verifier.verify(&swapped, "POST", req.url, &body).is_err());
 }
 
@@ -234,20 +160,9 @@ fn request() -> impl Strategy<Value = (String, Vec<(String, String)>, String, St
     )
 }
 
-fn verifies(
-    token: &str,
-    method: &str,
-    url: &str,
-    body: &[(String, String)],
-    nonce: &str,
-    signature: &str,
-) -> bool {
+fn verifies(token: &str, method: &str, url: &str, body: &[(String, String)], nonce: &str, signature: &str) -> bool {
     let verifier = Verifier::new(vec![SecretString::from(token.to_owned())], None, false);
-    let headers = SignatureHeaders {
-        v3: Some(signature),
-        v3_nonce: Some(nonce),
-        ..Default::default()
-    };
+    let headers = SignatureHeaders { v3: Some(signature), v3_nonce: Some(nonce), ..Default::default() };
     verifier.verify(&headers, method, url, body).is_ok()
 }
 
@@ -256,11 +171,7 @@ fn mutate(s: &str, index: usize) -> String {
     let chars: Vec<char> = s.chars().collect();
     let i = index % chars.len();
     let replacement = if chars[i] == 'x' { 'y' } else { 'x' };
-    chars
-        .iter()
-        .enumerate()
-        .map(|(j, c)| if j == i { replacement } else { *c })
-        .collect()
+    chars.iter().enumerate().map(|(j, c)| if j == i { replacement } else { *c }).collect()
 }
 
 proptest! {

@@ -17,9 +17,7 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> anyho
     migrate(&settings).await?;
     let connection = shared::amqp::connect(&settings.amqp, "smsflow-worker").await?;
     let channel = connection.create_channel().await?;
-    shared::amqp::Topology::from_settings(&settings.amqp)
-        .declare(&channel)
-        .await?;
+    shared::amqp::Topology::from_settings(&settings.amqp).declare(&channel).await?;
     shutdown.cancelled().await;
     let _ = connection.close(200, "shutting down".into()).await;
     Ok(())

@@ -14,14 +14,8 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     if state.publisher.is_ready() {
-        (
-            StatusCode::OK,
-            Json(json!({ "status": "ready", "broker": "connected" })),
-        )
+        (StatusCode::OK, Json(json!({ "status": "ready", "broker": "connected" })))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "not_ready", "broker": "disconnected" })),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "broker": "disconnected" })))
     }
 }

@@ -21,25 +21,15 @@ use uuid::Uuid;
 use crate::AppState;
 use crate::error::IngressError;
 
-pub async fn status_callback(
-    State(state): State<AppState>,
-    request: Request,
-) -> Result<StatusCode, IngressError> {
+pub async fn status_callback(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     accept(&state, Stream::Status, request).await
 }
 
-pub async fn inbound_message(
-    State(state): State<AppState>,
-    request: Request,
-) -> Result<StatusCode, IngressError> {
+pub async fn inbound_message(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     accept(&state, Stream::Inbound, request).await
 }
 
-async fn accept(
-    state: &AppState,
-    stream: Stream,
-    request: Request,
-) -> Result<StatusCode, IngressError> {
+async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<StatusCode, IngressError> {
     let (parts, body) = request.into_parts();
     let limit = state.body_limit;
     if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
@@ -67,37 +57,23 @@ async fn accept(
         parse_body(&body_bytes).map_err(|e| IngressError::BadRequest(e.to_string()))?
     };
     let raw_query = parts.uri.query();
-    let query = parse_pairs(raw_query.unwrap_or(""))
-        .map_err(|e| IngressError::BadRequest(format!("query string: {e}")))?;
+    let query =
+        parse_pairs(raw_query.unwrap_or("")).map_err(|e| IngressError::BadRequest(format!("query string: {e}")))?;
 
     let url = match raw_query {
         Some(q) => format!("{}{}?{q}", state.public_base_url, parts.uri.path()),
         None => format!("{}{}", state.public_base_url, parts.uri.path()),
     };
-    let scheme = state
-        .verifier
-        .verify(&sig_headers, parts.method.as_str(), &url, &body_params)
-        .map_err(|e| match e {
+    let scheme =
+        state.verifier.verify(&sig_headers, parts.method.as_str(), &url, &body_params).map_err(|e| match e {
             VerifyError::Missing(m) => state.unverified(IngressError::MissingSignature(m.into())),
             VerifyError::Invalid(m) => state.unverified(IngressError::InvalidSignature(m.into())),
             VerifyError::Url(e) => IngressError::BadRequest(e.to_string()),
         })?;
 
-    let reference = query
-        .iter()
-        .find(|(k, _)| k == "ref")
-        .map(|(_, v)| v.clone());
-    let params = if is_get {
-        query.iter().filter(|(k, _)| k != "ref").cloned().collect()
-    } else {
-        body_params
-    };
-    let request_id = parts
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let reference = query.iter().find(|(k, _)| k == "ref").map(|(_, v)| v.clone());
+    let params = if is_get { query.iter().filter(|(k, _)| k != "ref").cloned().collect() } else { body_params };
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let event = CallbackEvent {
         schema: CallbackEvent::SCHEMA.into(),
         version: CallbackEvent::VERSION,
@@ -113,13 +89,9 @@ async fn accept(
     Ok(StatusCode::OK)
 }
 
-async fn publish(
-    state: &AppState,
-    stream: Stream,
-    event: &CallbackEvent,
-) -> Result<(), IngressError> {
-    let payload = serde_json::to_vec(event)
-        .map_err(|e| IngressError::BadRequest(format!("cannot encode event: {e}")))?;
+async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Result<(), IngressError> {
+    let payload =
+        serde_json::to_vec(event).map_err(|e| IngressError::BadRequest(format!("cannot encode event: {e}")))?;
     let message_id = Uuid::now_v7().to_string();
     let span = tracing::info_span!(
         "publish",
@@ -131,16 +103,8 @@ async fn publish(
         messaging.message.id = %message_id,
     );
     async {
-        let properties = json_message(
-            CallbackEvent::SCHEMA,
-            CallbackEvent::VERSION,
-            &message_id,
-            Default::default(),
-        );
-        state
-            .publisher
-            .publish(stream.routing_key(), &payload, properties)
-            .await
+        let properties = json_message(CallbackEvent::SCHEMA, CallbackEvent::VERSION, &message_id, Default::default());
+        state.publisher.publish(stream.routing_key(), &payload, properties).await
     }
     .instrument(span)
     .await
@@ -151,12 +115,7 @@ async fn publish(
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 fn is_form(headers: &HeaderMap) -> bool {
@@ -164,21 +123,14 @@ fn is_form(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| {
-            mime.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        })
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, IngressError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(IngressError::PayloadTooLarge { limit })
-        }
-        Err(e) => Err(IngressError::BadRequest(format!(
-            "cannot read request body: {e}"
-        ))),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(IngressError::PayloadTooLarge { limit }),
+        Err(e) => Err(IngressError::BadRequest(format!("cannot read request body: {e}"))),
     }
 }
 

@@ -10,23 +10,11 @@ const NONCE: &str = "98765432109876543210";
 
 fn sign_raw(path: &str, body: &[(String, String)]) -> String {
     let url = format!("{TEST_PUBLIC_BASE_URL}{path}");
-    sign_v3(
-        TEST_AUTH_TOKEN,
-        &SignedRequest {
-            method: "POST",
-            url: &url,
-            body,
-            nonce: NONCE,
-        },
-    )
-    .unwrap()
+    sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body, nonce: NONCE }).unwrap()
 }
 
 fn raw(app: &TestApp, path: &str, content_type: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
-    app.client
-        .post(app.url(path))
-        .header("content-type", content_type)
-        .body(body)
+    app.client.post(app.url(path)).header("content-type", content_type).body(body)
 }
 
 #[tokio::test]
@@ -44,16 +32,10 @@ async fn bad_input_gets_a_clear_answer_and_queues_nothing() {
 
     type Case<'a> = (&'a str, reqwest::RequestBuilder, u16, &'a str);
     let cases: Vec<Case> = vec![
-        (
-            "no signature headers",
-            raw(&app, "/plivo/callback", form, encoded.clone()),
-            401,
-            "missing_signature",
-        ),
+        ("no signature headers", raw(&app, "/plivo/callback", form, encoded.clone()), 401, "missing_signature"),
         (
             "V3 signature without its nonce",
-            raw(&app, "/plivo/callback", form, encoded.clone())
-                .header("x-plivo-signature-v3", &good_sig),
+            raw(&app, "/plivo/callback", form, encoded.clone()).header("x-plivo-signature-v3", &good_sig),
             401,
             "missing_signature",
         ),
@@ -76,10 +58,7 @@ async fn bad_input_gets_a_clear_answer_and_queues_nothing() {
         (
             "non-ASCII signature header bytes",
             raw(&app, "/plivo/callback", form, encoded.clone())
-                .header(
-                    "x-plivo-signature-v3",
-                    reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
-                )
+                .header("x-plivo-signature-v3", reqwest::header::HeaderValue::from_bytes(b"\xff\xfe").unwrap())
                 .header("x-plivo-signature-v3-nonce", NONCE),
             403,
             "invalid_signature",
@@ -110,27 +89,17 @@ async fn bad_input_gets_a_clear_answer_and_queues_nothing() {
         ),
         (
             "JSON instead of a form",
-            raw(
-                &app,
-                "/plivo/callback",
-                "application/json",
-                br#"{"Status":"sent"}"#.to_vec(),
-            )
-            .header("x-plivo-signature-v3", &good_sig)
-            .header("x-plivo-signature-v3-nonce", NONCE),
+            raw(&app, "/plivo/callback", "application/json", br#"{"Status":"sent"}"#.to_vec())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
             415,
             "unsupported_media_type",
         ),
         (
             "percent-encoded bytes that are not UTF-8",
-            raw(
-                &app,
-                "/plivo/callback",
-                form,
-                b"Text=%FF%FE&Status=sent".to_vec(),
-            )
-            .header("x-plivo-signature-v3", &good_sig)
-            .header("x-plivo-signature-v3-nonce", NONCE),
+            raw(&app, "/plivo/callback", form, b"Text=%FF%FE&Status=sent".to_vec())
+                .header("x-plivo-signature-v3", &good_sig)
+                .header("x-plivo-signature-v3-nonce", NONCE),
             400,
             "bad_request",
         ),
@@ -161,41 +130,15 @@ async fn bad_input_gets_a_clear_answer_and_queues_nothing() {
     ];
 
     for (description, request, status, code) in cases {
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{description}: {e}"));
+        let response = request.send().await.unwrap_or_else(|e| panic!("{description}: {e}"));
         assert_eq!(response.status().as_u16(), status, "{description}");
-        let body: serde_json::Value = response
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("{description}: JSON body: {e}"));
+        let body: serde_json::Value = response.json().await.unwrap_or_else(|e| panic!("{description}: JSON body: {e}"));
         assert_eq!(body["error"]["code"], code, "{description}: {body}");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{description}: message"
-        );
-        assert!(
-            !body.to_string().contains("14155550199"),
-            "{description}: no phone number in the error body"
-        );
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{description}: message");
+        assert!(!body.to_string().contains("14155550199"), "{description}: no phone number in the error body");
     }
-    assert_eq!(
-        app.broker
-            .len(&app.broker.topology.queue(Stream::Status))
-            .await,
-        0,
-        "nothing refused was queued"
-    );
-    assert_eq!(
-        app.broker
-            .len(&app.broker.topology.queue(Stream::Inbound))
-            .await,
-        0,
-        "nothing refused was queued"
-    );
+    assert_eq!(app.broker.len(&app.broker.topology.queue(Stream::Status)).await, 0, "nothing refused was queued");
+    assert_eq!(app.broker.len(&app.broker.topology.queue(Stream::Inbound)).await, 0, "nothing refused was queued");
 }
 
 #[tokio::test]
@@ -212,10 +155,7 @@ async fn a_body_over_the_limit_without_a_declared_length_gets_413() {
     stream.write_all(head.as_bytes()).await.unwrap();
     let chunk = vec![b'a'; 800];
     for _ in 0..3 {
-        stream
-            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-            .await
-            .unwrap();
+        stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.unwrap();
         stream.write_all(&chunk).await.unwrap();
         stream.write_all(b"\r\n").await.unwrap();
     }
@@ -231,18 +171,8 @@ async fn valid_edge_cases_are_accepted() {
     app.wait_ready().await;
     let cases: Vec<(&str, Vec<(String, String)>)> = vec![
         ("empty body", vec![]),
-        (
-            "duplicate keys",
-            pairs(&[("Media", "b"), ("Media", "a"), ("MessageUUID", "dup")]),
-        ),
-        (
-            "empty values",
-            pairs(&[
-                ("ErrorCode", ""),
-                ("PowerpackUUID", ""),
-                ("MessageUUID", "empty"),
-            ]),
-        ),
+        ("duplicate keys", pairs(&[("Media", "b"), ("Media", "a"), ("MessageUUID", "dup")])),
+        ("empty values", pairs(&[("ErrorCode", ""), ("PowerpackUUID", ""), ("MessageUUID", "empty")])),
         ("key without value", pairs(&[("Flag", "")])),
     ];
     for (description, params) in &cases {
@@ -255,22 +185,6 @@ async fn valid_edge_cases_are_accepted() {
 #[tokio::test]
 async fn unknown_routes_and_methods_are_refused() {
     let app = spawn_app_with(|_| {}).await;
-    assert_eq!(
-        app.client
-            .get(app.url("/nope"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        app.client
-            .put(app.url("/plivo/callback"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        405
-    );
+    assert_eq!(app.client.get(app.url("/nope")).send().await.unwrap().status(), 404);
+    assert_eq!(app.client.put(app.url("/plivo/callback")).send().await.unwrap().status(), 405);
 }

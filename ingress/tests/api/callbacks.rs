@@ -12,42 +12,23 @@ async fn a_signed_status_callback_is_queued_persistently_with_every_parameter() 
     app.wait_ready().await;
     let mut params = status_params("2f378a33-3c19-5eeb-85de-9930a4579025", "delivered");
     // Duplicate keys, empty values, a field Plivo may add later, and non-ASCII text all travel.
-    params.extend(pairs(&[
-        ("PartInfo", "1 of 1"),
-        ("NewField", "ä€ &=+%"),
-        ("Units", "2"),
-        ("PowerpackUUID", ""),
-    ]));
+    params.extend(pairs(&[("PartInfo", "1 of 1"), ("NewField", "ä€ &=+%"), ("Units", "2"), ("PowerpackUUID", "")]));
 
-    let response = app
-        .post_signed(
-            "/plivo/callback?ref=0193a2b4-0000-7000-8000-000000000001",
-            &params,
-        )
-        .await;
+    let response = app.post_signed("/plivo/callback?ref=0193a2b4-0000-7000-8000-000000000001", &params).await;
 
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-content-type-options"], "nosniff");
     let events = app.drain(Stream::Status).await;
     assert_eq!(events.len(), 1, "exactly one event queued");
     let (event, properties) = &events[0];
-    assert_eq!(
-        event.params, params,
-        "every parameter, in wire order, duplicates kept"
-    );
-    assert_eq!(
-        event.reference.as_deref(),
-        Some("0193a2b4-0000-7000-8000-000000000001")
-    );
+    assert_eq!(event.params, params, "every parameter, in wire order, duplicates kept");
+    assert_eq!(event.reference.as_deref(), Some("0193a2b4-0000-7000-8000-000000000001"));
     assert_eq!(event.schema, CallbackEvent::SCHEMA);
     assert_eq!(event.method, "POST");
     assert_eq!(event.signature, "v3");
     assert!(!event.request_id.is_empty());
     assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
-    assert_eq!(
-        get_str(properties.headers().as_ref(), SCHEMA_HEADER),
-        Some(CallbackEvent::SCHEMA)
-    );
+    assert_eq!(get_str(properties.headers().as_ref(), SCHEMA_HEADER), Some(CallbackEvent::SCHEMA));
     assert!(app.drain(Stream::Inbound).await.is_empty());
 }
 
@@ -55,12 +36,7 @@ async fn a_signed_status_callback_is_queued_persistently_with_every_parameter() 
 async fn an_inbound_sms_goes_to_the_inbound_queue() {
     let app = spawn_app().await;
     app.wait_ready().await;
-    let params = pairs(&[
-        ("From", "14155550111"),
-        ("To", "14155550100"),
-        ("Text", "STOP"),
-        ("MessageUUID", "u-1"),
-    ]);
+    let params = pairs(&[("From", "14155550111"), ("To", "14155550100"), ("Text", "STOP"), ("MessageUUID", "u-1")]);
 
     let response = app.post_signed("/plivo/inbound", &params).await;
 
@@ -79,16 +55,7 @@ async fn a_get_callback_is_verified_over_its_query_and_queued() {
     let path = format!("/plivo/callback?ref=abc&{}", form_encode(&params));
     let nonce = "12345678901234567890";
     let url = format!("{TEST_PUBLIC_BASE_URL}{path}");
-    let signature = sign_v3(
-        TEST_AUTH_TOKEN,
-        &SignedRequest {
-            method: "GET",
-            url: &url,
-            body: &[],
-            nonce,
-        },
-    )
-    .unwrap();
+    let signature = sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "GET", url: &url, body: &[], nonce }).unwrap();
 
     let response = app
         .client
@@ -114,16 +81,8 @@ async fn a_forged_callback_gets_403_and_nothing_is_queued() {
     let params = status_params("forged-0001", "delivered");
     let nonce = "11111111111111111111";
     let url = format!("{TEST_PUBLIC_BASE_URL}/plivo/callback");
-    let forged = sign_v3(
-        "not-the-real-token",
-        &SignedRequest {
-            method: "POST",
-            url: &url,
-            body: &params,
-            nonce,
-        },
-    )
-    .unwrap();
+    let forged =
+        sign_v3("not-the-real-token", &SignedRequest { method: "POST", url: &url, body: &params, nonce }).unwrap();
 
     let response = app
         .client
@@ -139,12 +98,7 @@ async fn a_forged_callback_gets_403_and_nothing_is_queued() {
     assert_eq!(response.status(), 403);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_signature");
-    assert_eq!(
-        app.broker
-            .len(&app.broker.topology.queue(Stream::Status))
-            .await,
-        0
-    );
+    assert_eq!(app.broker.len(&app.broker.topology.queue(Stream::Status)).await, 0);
 }
 
 #[tokio::test]
@@ -155,11 +109,7 @@ async fn a_callback_missing_message_uuid_or_status_is_still_queued() {
 
     let response = app.post_signed("/plivo/callback", &params).await;
 
-    assert_eq!(
-        response.status(),
-        200,
-        "verified data is never dropped at the edge"
-    );
+    assert_eq!(response.status(), 200, "verified data is never dropped at the edge");
     assert_eq!(app.drain(Stream::Status).await.len(), 1);
 }
 
@@ -167,22 +117,6 @@ async fn a_callback_missing_message_uuid_or_status_is_still_queued() {
 async fn health_and_readiness_answer() {
     let app = spawn_app().await;
     app.wait_ready().await;
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
 }

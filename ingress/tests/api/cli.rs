@@ -20,23 +20,14 @@ fn a_missing_secret_prints_one_line_naming_the_key_and_exits_2() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
-    assert!(
-        stderr.contains("plivo.auth_token") && stderr.contains("SMSFLOW_PLIVO__AUTH_TOKEN"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("plivo.auth_token") && stderr.contains("SMSFLOW_PLIVO__AUTH_TOKEN"), "{stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
 }
 
 #[test]
 fn an_invalid_value_prints_one_line_naming_the_key_and_exits_2() {
-    let output = ingress()
-        .env("SMSFLOW_PLIVO__AUTH_TOKEN", "x")
-        .env("SMSFLOW_AMQP__PREFETCH", "lots")
-        .output()
-        .unwrap();
+    let output =
+        ingress().env("SMSFLOW_PLIVO__AUTH_TOKEN", "x").env("SMSFLOW_AMQP__PREFETCH", "lots").output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
@@ -48,10 +39,7 @@ fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
     let output = ingress()
         .args(["--check-config"])
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", "very-secret-token-value")
-        .env(
-            "SMSFLOW_AMQP__URL",
-            "amqp://user:broker-password@mq:5672/%2f",
-        )
+        .env("SMSFLOW_AMQP__URL", "amqp://user:broker-password@mq:5672/%2f")
         .env("SMSFLOW_AMQP__PREFETCH", "321")
         .output()
         .unwrap();
@@ -59,26 +47,15 @@ fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("prefetch = 321"), "{stdout}");
     assert!(stdout.contains("[REDACTED]"), "{stdout}");
-    assert!(
-        !stdout.contains("very-secret-token-value") && !stdout.contains("broker-password"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("very-secret-token-value") && !stdout.contains("broker-password"), "{stdout}");
 }
 
 #[test]
 fn version_and_help_answer() {
     let version = ingress().arg("--version").output().unwrap();
     assert!(version.status.success());
-    assert!(
-        String::from_utf8(version.stdout)
-            .unwrap()
-            .starts_with("smsflow-ingress ")
-    );
+    assert!(String::from_utf8(version.stdout).unwrap().starts_with("smsflow-ingress "));
     let help = ingress().arg("--help").output().unwrap();
     assert!(help.status.success());
-    assert!(
-        String::from_utf8(help.stdout)
-            .unwrap()
-            .contains("--check-config")
-    );
+    assert!(String::from_utf8(help.stdout).unwrap().contains("--check-config"));
 }

@@ -5,9 +5,7 @@ use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
 use shared::config::IngressSettings;
 use shared::plivo::signature::{SignedRequest, sign_v3};
-use shared::testing::{
-    TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, base_ingress_settings, form_encode,
-};
+use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, base_ingress_settings, form_encode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,10 +18,7 @@ pub struct TestApp {
 }
 
 pub fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    items
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// A realistic status callback for `message_uuid`.
@@ -56,18 +51,8 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut IngressSettings)) -> TestAp
     let address = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(ingress::run(settings, listener, shutdown.clone()));
-    let app = TestApp {
-        address,
-        broker,
-        client: reqwest::Client::new(),
-        shutdown,
-        server,
-    };
-    app.broker
-        .topology
-        .declare(&app.broker.channel)
-        .await
-        .expect("declare topology");
+    let app = TestApp { address, broker, client: reqwest::Client::new(), shutdown, server };
+    app.broker.topology.declare(&app.broker.channel).await.expect("declare topology");
     app
 }
 
@@ -90,28 +75,12 @@ impl TestApp {
     }
 
     /// A POST signed with the test token the way Plivo signs it.
-    pub fn signed_post(
-        &self,
-        path_and_query: &str,
-        params: &[(String, String)],
-    ) -> reqwest::RequestBuilder {
-        signed_post(
-            &self.client,
-            &self.url(path_and_query),
-            path_and_query,
-            params,
-        )
+    pub fn signed_post(&self, path_and_query: &str, params: &[(String, String)]) -> reqwest::RequestBuilder {
+        signed_post(&self.client, &self.url(path_and_query), path_and_query, params)
     }
 
-    pub async fn post_signed(
-        &self,
-        path_and_query: &str,
-        params: &[(String, String)],
-    ) -> reqwest::Response {
-        self.signed_post(path_and_query, params)
-            .send()
-            .await
-            .expect("request sent")
+    pub async fn post_signed(&self, path_and_query: &str, params: &[(String, String)]) -> reqwest::Response {
+        self.signed_post(path_and_query, params).send().await.expect("request sent")
     }
 
     /// Every event waiting in a stream's work queue, in order.
@@ -119,8 +88,7 @@ impl TestApp {
         let queue = self.broker.topology.queue(stream);
         let mut events = Vec::new();
         while let Some(message) = self.broker.get(&queue).await {
-            let event: CallbackEvent =
-                serde_json::from_slice(&message.delivery.data).expect("event JSON");
+            let event: CallbackEvent = serde_json::from_slice(&message.delivery.data).expect("event JSON");
             events.push((event, message.delivery.properties.clone()));
         }
         events
@@ -135,16 +103,9 @@ pub fn signed_post(
 ) -> reqwest::RequestBuilder {
     let nonce = format!("{:020}", rand::random::<u64>());
     let public_url = format!("{TEST_PUBLIC_BASE_URL}{path_and_query}");
-    let signature = sign_v3(
-        TEST_AUTH_TOKEN,
-        &SignedRequest {
-            method: "POST",
-            url: &public_url,
-            body: params,
-            nonce: &nonce,
-        },
-    )
-    .unwrap();
+    let signature =
+        sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &public_url, body: params, nonce: &nonce })
+            .unwrap();
     client
         .post(full_url)
         .header("content-type", "application/x-www-form-urlencoded")

@@ -18,32 +18,14 @@ async fn with_no_broker_listening_callbacks_get_503_and_liveness_stays_up() {
     })
     .await;
 
-    let response = app
-        .post_signed("/plivo/callback", &status_params("outage-1", "sent"))
-        .await;
+    let response = app.post_signed("/plivo/callback", &status_params("outage-1", "sent")).await;
 
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "5");
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unavailable");
-    assert_eq!(
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 503);
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -52,27 +34,13 @@ async fn after_a_broker_outage_the_ingress_recovers_by_itself() {
     let url = proxy.amqp_url();
     let app = spawn_app_with(|s| s.amqp.url = SecretString::from(url)).await;
     app.wait_ready().await;
-    assert_eq!(
-        app.post_signed("/plivo/callback", &status_params("before", "sent"))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.post_signed("/plivo/callback", &status_params("before", "sent")).await.status(), 200);
 
     proxy.cut();
     let mut refused = 0;
     for i in 0..50 {
-        let status = app
-            .post_signed(
-                "/plivo/callback",
-                &status_params(&format!("during-{i}"), "sent"),
-            )
-            .await
-            .status();
-        assert!(
-            status == 503 || status == 200,
-            "only 200 or 503 while the broker goes away, got {status}"
-        );
+        let status = app.post_signed("/plivo/callback", &status_params(&format!("during-{i}"), "sent")).await.status();
+        assert!(status == 503 || status == 200, "only 200 or 503 while the broker goes away, got {status}");
         if status == 503 {
             refused += 1;
             break;
@@ -80,33 +48,13 @@ async fn after_a_broker_outage_the_ingress_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(refused, 1, "the outage was noticed");
-    assert_eq!(
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 503);
 
     proxy.restore();
     app.wait_ready().await;
-    assert_eq!(
-        app.post_signed("/plivo/callback", &status_params("after", "sent"))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(app.post_signed("/plivo/callback", &status_params("after", "sent")).await.status(), 200);
 
-    let ids: Vec<String> = app
-        .drain(Stream::Status)
-        .await
-        .iter()
-        .filter_map(|(e, _)| e.param("MessageUUID").map(str::to_owned))
-        .collect();
-    assert!(
-        ids.contains(&"before".to_owned()) && ids.contains(&"after".to_owned()),
-        "{ids:?}"
-    );
+    let ids: Vec<String> =
+        app.drain(Stream::Status).await.iter().filter_map(|(e, _)| e.param("MessageUUID").map(str::to_owned)).collect();
+    assert!(ids.contains(&"before".to_owned()) && ids.contains(&"after".to_owned()), "{ids:?}");
 }

@@ -16,11 +16,7 @@ use crate::helpers::{signed_post, status_params};
 async fn sigterm_under_load_loses_no_acknowledged_callback() {
     let broker = TestBroker::new().await;
     broker.topology.declare(&broker.channel).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow-ingress"))
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", TEST_AUTH_TOKEN)
         .env("SMSFLOW_HTTP__PUBLIC_BASE_URL", TEST_PUBLIC_BASE_URL)
@@ -34,18 +30,10 @@ async fn sigterm_under_load_loses_no_acknowledged_callback() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let mut ready = false;
     for _ in 0..100 {
-        if client
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
+        if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
             ready = true;
             break;
         }
@@ -65,15 +53,7 @@ async fn sigterm_under_load_loses_no_acknowledged_callback() {
                 }
                 let id = format!("w{worker}-{i}");
                 let url = format!("{base}/plivo/callback");
-                match signed_post(
-                    &client,
-                    &url,
-                    "/plivo/callback",
-                    &status_params(&id, "sent"),
-                )
-                .send()
-                .await
-                {
+                match signed_post(&client, &url, "/plivo/callback", &status_params(&id, "sent")).send().await {
                     Ok(response) => outcomes.push((id, Some(response.status().as_u16()))),
                     Err(_) => {
                         outcomes.push((id, None));
@@ -86,37 +66,21 @@ async fn sigterm_under_load_loses_no_acknowledged_callback() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = child.id().expect("child pid").to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits in time")
-        .unwrap();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits in time").unwrap();
     stop.store(true, Ordering::Relaxed);
 
     let mut acknowledged = HashSet::new();
     for worker in workers {
         for (id, status) in worker.await.unwrap() {
-            assert!(
-                matches!(status, None | Some(200) | Some(503)),
-                "{id}: unexpected status {status:?}"
-            );
+            assert!(matches!(status, None | Some(200) | Some(503)), "{id}: unexpected status {status:?}");
             if status == Some(200) {
                 acknowledged.insert(id);
             }
         }
     }
     assert_eq!(status.code(), Some(0), "graceful exit");
-    assert!(
-        acknowledged.len() > 100,
-        "load was applied ({} acknowledged)",
-        acknowledged.len()
-    );
+    assert!(acknowledged.len() > 100, "load was applied ({} acknowledged)", acknowledged.len());
 
     let queue = broker.topology.queue(Stream::Status);
     let mut queued = HashSet::new();
@@ -125,9 +89,5 @@ async fn sigterm_under_load_loses_no_acknowledged_callback() {
         queued.insert(event.param("MessageUUID").unwrap().to_owned());
     }
     let lost: Vec<_> = acknowledged.difference(&queued).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged callbacks are not in the queue: {lost:?}",
-        lost.len()
-    );
+    assert!(lost.is_empty(), "{} acknowledged callbacks are not in the queue: {lost:?}", lost.len());
 }

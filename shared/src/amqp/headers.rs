@@ -14,8 +14,7 @@ pub struct HeaderInjector<'a>(pub &'a mut FieldTable);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0
-            .insert(key.into(), AMQPValue::LongString(value.into()));
+        self.0.insert(key.into(), AMQPValue::LongString(value.into()));
     }
 }
 
@@ -71,25 +70,11 @@ pub fn get_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
 }
 
 /// Properties of a persistent JSON message with schema headers and the current trace context.
-pub fn json_message(
-    schema: &str,
-    version: u32,
-    message_id: &str,
-    mut headers: FieldTable,
-) -> BasicProperties {
-    headers.insert(
-        SCHEMA_HEADER.into(),
-        AMQPValue::LongString(LongString::from(schema)),
-    );
-    headers.insert(
-        SCHEMA_VERSION_HEADER.into(),
-        AMQPValue::LongLongInt(version.into()),
-    );
+pub fn json_message(schema: &str, version: u32, message_id: &str, mut headers: FieldTable) -> BasicProperties {
+    headers.insert(SCHEMA_HEADER.into(), AMQPValue::LongString(LongString::from(schema)));
+    headers.insert(SCHEMA_VERSION_HEADER.into(), AMQPValue::LongLongInt(version.into()));
     inject_current_context(&mut headers);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)

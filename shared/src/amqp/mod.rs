@@ -20,17 +20,11 @@ pub use topology::{Stream, Topology};
 pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = Connection::connect(settings.url.expose_secret(), properties);
-    match tokio::time::timeout(
-        Duration::from_millis(settings.connect_timeout_ms),
-        connecting,
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), connecting).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(e)) => Err(anyhow::anyhow!("cannot connect to RabbitMQ: {e}")),
-        Err(_) => Err(anyhow::anyhow!(
-            "cannot connect to RabbitMQ: no answer within {} ms",
-            settings.connect_timeout_ms
-        )),
+        Err(_) => {
+            Err(anyhow::anyhow!("cannot connect to RabbitMQ: no answer within {} ms", settings.connect_timeout_ms))
+        }
     }
 }

@@ -100,11 +100,7 @@ impl Publisher {
     }
 
     fn current(&self) -> Option<Arc<Live>> {
-        self.inner
-            .live
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Publishes to the main exchange (`mandatory`) and waits for the broker's confirm.
@@ -114,13 +110,7 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.publish_to(
-            &self.inner.topology.exchange(),
-            routing_key,
-            payload,
-            properties,
-        )
-        .await
+        self.publish_to(&self.inner.topology.exchange(), routing_key, payload, properties).await
     }
 
     /// Publishes to any exchange (`""` for a queue by name) and waits for the broker's confirm.
@@ -136,36 +126,19 @@ impl Publisher {
         let channel = &live.channels[index];
         let timeout_ms = self.inner.settings.confirm_timeout_ms;
         let confirm = async {
-            let options = BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            };
-            channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    options,
-                    payload,
-                    properties,
-                )
-                .await?
-                .await
+            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            channel.basic_publish(exchange.into(), routing_key.into(), options, payload, properties).await?.await
         };
         let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), confirm).await {
             Err(_) => Err(PublishError::Timeout(timeout_ms)),
             Ok(Err(e)) => Err(PublishError::Broker(e)),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                Err(PublishError::Unroutable(routing_key.to_owned()))
-            }
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable(routing_key.to_owned())),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
             // The channel is always in confirm mode; treat anything else as not stored.
             Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
         };
-        if matches!(
-            result,
-            Err(PublishError::Broker(_) | PublishError::Timeout(_))
-        ) {
+        if matches!(result, Err(PublishError::Broker(_) | PublishError::Timeout(_))) {
             self.inner.suspect.notify_one();
         }
         result
@@ -173,12 +146,7 @@ impl Publisher {
 
     /// Closes the connection (after in-flight publishes finished).
     pub async fn close(&self) {
-        let live = self
-            .inner
-            .live
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let live = self.inner.live.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(live) = live {
             close_quietly(&live).await;
         }
@@ -199,23 +167,16 @@ async fn establish(inner: &Inner) -> anyhow::Result<Live> {
         let mut channels = Vec::with_capacity(inner.settings.publish_channels);
         for _ in 0..inner.settings.publish_channels {
             let channel = connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
             channels.push(channel);
         }
         Ok::<_, lapin::Error>(channels)
     };
     match setup.await {
-        Ok(channels) => Ok(Live {
-            connection,
-            channels,
-        }),
+        Ok(channels) => Ok(Live { connection, channels }),
         Err(e) => {
             let _ = connection.close(200, "setup failed".into()).await;
-            Err(anyhow::anyhow!(
-                "cannot set up RabbitMQ channels and topology: {e}"
-            ))
+            Err(anyhow::anyhow!("cannot set up RabbitMQ channels and topology: {e}"))
         }
     }
 }
@@ -253,10 +214,7 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
                 }
                 tracing::warn!(connection = %inner.name, "RabbitMQ connection lost; reconnecting");
                 let mut slot = inner.live.write().unwrap_or_else(|e| e.into_inner());
-                if slot
-                    .as_ref()
-                    .is_some_and(|current| Arc::ptr_eq(current, &live))
-                {
+                if slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, &live)) {
                     *slot = None;
                 }
                 drop(slot);

@@ -57,19 +57,11 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>, delivery_limit: u32, retry_delays_ms: Vec<u64>) -> Self {
-        Self {
-            prefix: prefix.into(),
-            delivery_limit,
-            retry_delays_ms,
-        }
+        Self { prefix: prefix.into(), delivery_limit, retry_delays_ms }
     }
 
     pub fn from_settings(settings: &AmqpSettings) -> Self {
-        Self::new(
-            &settings.prefix,
-            settings.delivery_limit,
-            settings.retry_delays_ms.clone(),
-        )
+        Self::new(&settings.prefix, settings.delivery_limit, settings.retry_delays_ms.clone())
     }
 
     pub fn prefix(&self) -> &str {
@@ -107,25 +99,10 @@ impl Topology {
 
     /// Declares everything; declaring again with the same settings changes nothing.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare(self.exchange().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         channel
-            .exchange_declare(
-                self.exchange().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.dead_letter_exchange().into(),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
+            .exchange_declare(self.dead_letter_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default())
             .await?;
         for stream in Stream::ALL {
             self.declare_stream(channel, stream).await?;
@@ -134,16 +111,11 @@ impl Topology {
     }
 
     async fn declare_stream(&self, channel: &Channel, stream: Stream) -> lapin::Result<()> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
         let work = self.queue(stream);
         let dead = self.dead_letter_queue(stream);
 
-        channel
-            .queue_declare(dead.as_str().into(), durable, quorum_args())
-            .await?;
+        channel.queue_declare(dead.as_str().into(), durable, quorum_args()).await?;
         channel
             .queue_bind(
                 dead.as_str().into(),
@@ -156,13 +128,8 @@ impl Topology {
 
         let mut args = dead_lettering_args(&self.dead_letter_exchange(), stream.name());
         // Without an explicit limit RabbitMQ 4 drops a message after 20 redeliveries.
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(self.delivery_limit.into()),
-        );
-        channel
-            .queue_declare(work.as_str().into(), durable, args)
-            .await?;
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        channel.queue_declare(work.as_str().into(), durable, args).await?;
         channel
             .queue_bind(
                 work.as_str().into(),
@@ -179,13 +146,8 @@ impl Topology {
             };
             // Expired messages go straight back to the work queue through the default exchange.
             let mut args = dead_lettering_args("", &work);
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(*delay_ms as i64),
-            );
-            channel
-                .queue_declare(retry.as_str().into(), durable, args)
-                .await?;
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*delay_ms as i64));
+            channel.queue_declare(retry.as_str().into(), durable, args).await?;
         }
         Ok(())
     }
@@ -203,10 +165,7 @@ fn dead_lettering_args(exchange: &str, routing_key: &str) -> FieldTable {
     let mut args = quorum_args();
     args.insert("x-dead-letter-exchange".into(), long_string(exchange));
     args.insert("x-dead-letter-routing-key".into(), long_string(routing_key));
-    args.insert(
-        "x-dead-letter-strategy".into(),
-        long_string("at-least-once"),
-    );
+    args.insert("x-dead-letter-strategy".into(), long_string("at-least-once"));
     args.insert("x-overflow".into(), long_string("reject-publish"));
     args
 }
@@ -229,14 +188,8 @@ mod tests {
         let t = Topology::new("p1", 5, vec![10, 20]);
         assert_eq!(t.queue(Stream::Status), "p1.status");
         assert_eq!(t.dead_letter_queue(Stream::Send), "p1.send.dead");
-        assert_eq!(
-            t.retry_queue(Stream::Inbound, 1).as_deref(),
-            Some("p1.inbound.retry.1")
-        );
-        assert_eq!(
-            t.retry_queue(Stream::Inbound, 2).as_deref(),
-            Some("p1.inbound.retry.2")
-        );
+        assert_eq!(t.retry_queue(Stream::Inbound, 1).as_deref(), Some("p1.inbound.retry.1"));
+        assert_eq!(t.retry_queue(Stream::Inbound, 2).as_deref(), Some("p1.inbound.retry.2"));
         assert_eq!(t.retry_queue(Stream::Inbound, 3), None);
         assert_eq!(t.retry_queue(Stream::Inbound, 0), None);
     }

@@ -85,10 +85,7 @@ impl std::str::FromStr for MessageStatus {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown status {s:?}"))
+        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown status {s:?}"))
     }
 }
 
@@ -107,11 +104,7 @@ mod tests {
         use MessageStatus::*;
         let order = [Accepted, Sending, Submitted, Queued, Sent, Delivered];
         assert!(order.windows(2).all(|w| w[0].rank() < w[1].rank()));
-        assert!(
-            [Delivered, Undelivered, Failed, Rejected]
-                .iter()
-                .all(|s| s.is_terminal())
-        );
+        assert!([Delivered, Undelivered, Failed, Rejected].iter().all(|s| s.is_terminal()));
         assert!(!Sent.is_terminal());
     }
 
@@ -120,10 +113,7 @@ mod tests {
         for status in MessageStatus::ALL {
             assert_eq!(status.as_str().parse::<MessageStatus>().unwrap(), status);
         }
-        assert_eq!(
-            MessageStatus::from_callback("Delivered"),
-            Some(MessageStatus::Delivered)
-        );
+        assert_eq!(MessageStatus::from_callback("Delivered"), Some(MessageStatus::Delivered));
         assert_eq!(MessageStatus::from_callback("bogus"), None);
     }
 }

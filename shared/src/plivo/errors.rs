@@ -35,16 +35,8 @@ const TABLE: &[(u32, &str, Retryability)] = &[
     (90, "no route available", Unknown),
     (100, "prohibited by carrier", Permanent),
     (110, "message too long", Permanent),
-    (
-        200,
-        "source number blocked by STOP from destination number",
-        Permanent,
-    ),
-    (
-        201,
-        "US toll-free to Canadian destination blocked",
-        Permanent,
-    ),
+    (200, "source number blocked by STOP from destination number", Permanent),
+    (201, "US toll-free to Canadian destination blocked", Permanent),
     (300, "failed to dispatch message", Unknown),
     (420, "message expired", Retryable),
     (450, "destination country barred", Permanent),
@@ -59,24 +51,13 @@ pub fn classify(code: u32) -> ErrorCodeInfo {
     TABLE
         .iter()
         .find(|(c, ..)| *c == code)
-        .map(|&(code, reason, retryability)| ErrorCodeInfo {
-            code,
-            reason,
-            retryability,
-        })
-        .unwrap_or(ErrorCodeInfo {
-            code,
-            reason: "not in Plivo's published table",
-            retryability: Unknown,
-        })
+        .map(|&(code, reason, retryability)| ErrorCodeInfo { code, reason, retryability })
+        .unwrap_or(ErrorCodeInfo { code, reason: "not in Plivo's published table", retryability: Unknown })
 }
 
 /// Parses the `ErrorCode` field: absent, empty and `000` all mean "no error".
 pub fn parse_error_code(raw: Option<&str>) -> Option<u32> {
-    raw.map(str::trim)
-        .filter(|s| !s.is_empty())
-        .and_then(|s| s.parse().ok())
-        .filter(|c| *c != 0)
+    raw.map(str::trim).filter(|s| !s.is_empty()).and_then(|s| s.parse().ok()).filter(|c| *c != 0)
 }
 
 #[cfg(test)]

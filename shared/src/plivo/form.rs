@@ -21,10 +21,7 @@ pub fn decode_component(raw: &str) -> Result<String, FormError> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len()
-                && hex(bytes[i + 1]).is_some()
-                && hex(bytes[i + 2]).is_some() =>
-            {
+            b'%' if i + 2 < bytes.len() && hex(bytes[i + 1]).is_some() && hex(bytes[i + 2]).is_some() => {
                 out.push(hex(bytes[i + 1]).unwrap_or(0) << 4 | hex(bytes[i + 2]).unwrap_or(0));
                 i += 2;
             }
@@ -57,9 +54,8 @@ pub fn parse_pairs(raw: &str) -> Result<Vec<(String, String)>, FormError> {
 
 /// Decodes a request body; the bytes themselves must be ASCII-compatible UTF-8 text.
 pub fn parse_body(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
-    let text = std::str::from_utf8(body).map_err(|_| {
-        FormError::NotUtf8(String::from_utf8_lossy(&body[..body.len().min(40)]).into_owned())
-    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| FormError::NotUtf8(String::from_utf8_lossy(&body[..body.len().min(40)]).into_owned()))?;
     parse_pairs(text)
 }
 
@@ -77,10 +73,7 @@ mod tests {
 
     #[test]
     fn rejects_percent_encoded_bytes_that_are_not_utf8() {
-        assert!(matches!(
-            decode_component("%FF%FE"),
-            Err(FormError::NotUtf8(_))
-        ));
+        assert!(matches!(decode_component("%FF%FE"), Err(FormError::NotUtf8(_))));
         assert!(parse_body(b"a=\xff").is_err());
     }
 

@@ -52,14 +52,9 @@ fn split_url(url: &str) -> Result<SplitUrl<'_>, UrlError> {
     let url = url.split_once('#').map_or(url, |(before, _)| before);
     let scheme_end = url.find("://").ok_or(UrlError::NoScheme)?;
     let after_scheme = scheme_end + 3;
-    let base_end = url[after_scheme..]
-        .find('?')
-        .map_or(url.len(), |i| after_scheme + i);
+    let base_end = url[after_scheme..].find('?').map_or(url.len(), |i| after_scheme + i);
     let query = url.get(base_end + 1..).unwrap_or("");
-    Ok(SplitUrl {
-        base: &url[..base_end],
-        query,
-    })
+    Ok(SplitUrl { base: &url[..base_end], query })
 }
 
 fn sorted<'a>(mut pairs: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
@@ -72,23 +67,10 @@ fn sorted<'a>(mut pairs: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
 pub fn v3_signed_string(req: &SignedRequest<'_>) -> Result<String, UrlError> {
     let url = split_url(req.url)?;
     let query_pairs = parse_pairs(url.query)?;
-    let query = sorted(
-        query_pairs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
-    );
+    let query = sorted(query_pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect());
     let is_get = req.method.eq_ignore_ascii_case("GET");
-    let body = if is_get {
-        Vec::new()
-    } else {
-        sorted(
-            req.body
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
-        )
-    };
+    let body =
+        if is_get { Vec::new() } else { sorted(req.body.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()) };
 
     let mut s = String::with_capacity(req.url.len() + 64 * body.len() + req.nonce.len() + 2);
     s.push_str(url.base);
@@ -122,8 +104,7 @@ pub fn v2_signed_string(url: &str, nonce: &str) -> Result<String, UrlError> {
 
 /// `base64(HMAC-SHA256(token, message))`.
 pub fn hmac_base64(token: &str, message: &str) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC accepts any key length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC accepts any key length");
     mac.update(message.as_bytes());
     BASE64.encode(mac.finalize().into_bytes())
 }
@@ -138,15 +119,13 @@ fn header_matches(header: &str, expected: &str) -> bool {
     header
         .split(',')
         .map(str::trim)
-        .fold(false, |found, candidate| {
-            found | bool::from(candidate.as_bytes().ct_eq(expected.as_bytes()))
-        })
+        .fold(false, |found, candidate| found | bool::from(candidate.as_bytes().ct_eq(expected.as_bytes())))
 }
 
 fn any_token_matches(header: &str, tokens: &[&SecretString], message: &str) -> bool {
-    tokens.iter().fold(false, |found, token| {
-        found | header_matches(header, &hmac_base64(token.expose_secret(), message))
-    })
+    tokens
+        .iter()
+        .fold(false, |found, token| found | header_matches(header, &hmac_base64(token.expose_secret(), message)))
 }
 
 /// The signature headers of one request (values as received).
@@ -211,24 +190,12 @@ impl Verifier {
     /// `account_tokens`: the (sub)account's tokens, several while one is rotated.
     /// `main_token`: the main account's token for the `-Ma-` headers; without it those headers
     /// are checked against the account tokens (a main account signs both with the same token).
-    pub fn new(
-        account_tokens: Vec<SecretString>,
-        main_token: Option<SecretString>,
-        accept_v2: bool,
-    ) -> Self {
-        Self {
-            account_tokens,
-            main_token,
-            accept_v2,
-        }
+    pub fn new(account_tokens: Vec<SecretString>, main_token: Option<SecretString>, accept_v2: bool) -> Self {
+        Self { account_tokens, main_token, accept_v2 }
     }
 
     pub fn from_settings(settings: &crate::config::PlivoSettings) -> Self {
-        Self::new(
-            settings.account_tokens(),
-            settings.main_auth_token.clone(),
-            settings.accept_v2_signatures,
-        )
+        Self::new(settings.account_tokens(), settings.main_auth_token.clone(), settings.accept_v2_signatures)
     }
 
     fn main_tokens(&self) -> Vec<&SecretString> {
@@ -248,27 +215,12 @@ impl Verifier {
         body: &[(String, String)],
     ) -> Result<Scheme, VerifyError> {
         if headers.v3.is_some() || headers.ma_v3.is_some() {
-            let nonce = headers.v3_nonce.ok_or(VerifyError::Missing(
-                "missing X-Plivo-Signature-V3-Nonce header",
-            ))?;
-            let message = v3_signed_string(&SignedRequest {
-                method,
-                url,
-                body,
-                nonce,
-            })?;
+            let nonce = headers.v3_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V3-Nonce header"))?;
+            let message = v3_signed_string(&SignedRequest { method, url, body, nonce })?;
             let account: Vec<&SecretString> = self.account_tokens.iter().collect();
-            let ok = headers
-                .v3
-                .is_some_and(|h| any_token_matches(h, &account, &message))
-                | headers
-                    .ma_v3
-                    .is_some_and(|h| any_token_matches(h, &self.main_tokens(), &message));
-            return if ok {
-                Ok(Scheme::V3)
-            } else {
-                Err(VerifyError::Invalid("X-Plivo-Signature-V3 does not match"))
-            };
+            let ok = headers.v3.is_some_and(|h| any_token_matches(h, &account, &message))
+                | headers.ma_v3.is_some_and(|h| any_token_matches(h, &self.main_tokens(), &message));
+            return if ok { Ok(Scheme::V3) } else { Err(VerifyError::Invalid("X-Plivo-Signature-V3 does not match")) };
         }
         if headers.v2.is_some() || headers.ma_v2.is_some() {
             if !self.accept_v2 {
@@ -276,32 +228,20 @@ impl Verifier {
                     "X-Plivo-Signature-V3 header required (V2 signatures are disabled: plivo.accept_v2_signatures)",
                 ));
             }
-            let nonce = headers.v2_nonce.ok_or(VerifyError::Missing(
-                "missing X-Plivo-Signature-V2-Nonce header",
-            ))?;
+            let nonce = headers.v2_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V2-Nonce header"))?;
             let message = v2_signed_string(url, nonce)?;
             // V2 headers are never comma lists in the SDKs; an exact match is required.
             let exact = |h: &str, tokens: &[&SecretString]| {
                 tokens.iter().fold(false, |found, t| {
-                    found
-                        | bool::from(
-                            h.as_bytes()
-                                .ct_eq(hmac_base64(t.expose_secret(), &message).as_bytes()),
-                        )
+                    found | bool::from(h.as_bytes().ct_eq(hmac_base64(t.expose_secret(), &message).as_bytes()))
                 })
             };
             let account: Vec<&SecretString> = self.account_tokens.iter().collect();
             let ok = headers.v2.is_some_and(|h| exact(h, &account))
                 | headers.ma_v2.is_some_and(|h| exact(h, &self.main_tokens()));
-            return if ok {
-                Ok(Scheme::V2)
-            } else {
-                Err(VerifyError::Invalid("X-Plivo-Signature-V2 does not match"))
-            };
+            return if ok { Ok(Scheme::V2) } else { Err(VerifyError::Invalid("X-Plivo-Signature-V2 does not match")) };
         }
-        Err(VerifyError::Missing(
-            "missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers",
-        ))
+        Err(VerifyError::Missing("missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers"))
     }
 }
 
@@ -316,10 +256,7 @@ mod tests {
         assert_eq!(u.query, "x=1");
         let u = split_url("https://h.example#frag?no").unwrap();
         assert_eq!((u.base, u.query), ("https://h.example", ""));
-        assert_eq!(
-            split_url("hooks.example.com/x").err(),
-            Some(UrlError::NoScheme)
-        );
+        assert_eq!(split_url("hooks.example.com/x").err(), Some(UrlError::NoScheme));
     }
 
     #[test]
