@@ -1,8 +1,27 @@
 //! The worker: turns the events in RabbitMQ into the truth in PostgreSQL.
+//!
+//! Status events are consumed in batches, written in one transaction (idempotent, forward-only)
+//! and acked with one multiple-ack only after the commit. What cannot be written now goes to
+//! the retry ladder; what can never be written goes to the dead-letter queue with its reason.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod broker;
+pub mod replay;
+pub mod status;
+pub mod storage;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use shared::amqp::{Publisher, Topology};
 use shared::config::WorkerSettings;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::broker::Rerouter;
+use crate::status::StatusPipeline;
 
 /// Applies the database migrations (the `migrate` subcommand).
 pub async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
@@ -12,13 +31,46 @@ pub async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies migrations, declares the topology, and processes until `shutdown` is cancelled.
+/// Applies migrations, serves the admin endpoints, and processes until `shutdown`.
 pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    migrate(&settings).await?;
-    let connection = shared::amqp::connect(&settings.amqp, "smsflow-worker").await?;
-    let channel = connection.create_channel().await?;
-    shared::amqp::Topology::from_settings(&settings.amqp).declare(&channel).await?;
-    shutdown.cancelled().await;
-    let _ = connection.close(200, "shutting down".into()).await;
-    Ok(())
+    let pool = shared::db::pool(&settings.database)?;
+    shared::db::migrate(&pool).await?;
+    let admin = TcpListener::bind(settings.worker.admin_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (worker.admin_listen): {e}", settings.worker.admin_listen))?;
+    run_with(settings, pool, Some(admin), shutdown).await
+}
+
+/// Processes with an existing pool (tests pass a fresh database's pool).
+pub async fn run_with(
+    settings: WorkerSettings,
+    pool: PgPool,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let topology = Topology::from_settings(&settings.amqp);
+    // Publishing (dead letters, retries) has its own connection, closed after consuming stops.
+    let publisher_shutdown = CancellationToken::new();
+    let publisher =
+        Publisher::start(settings.amqp.clone(), topology.clone(), "smsflow-worker publisher", publisher_shutdown.clone());
+    let consuming = Arc::new(AtomicBool::new(false));
+    let admin_task = admin.map(|listener| tokio::spawn(admin::serve(listener, consuming.clone(), shutdown.clone())));
+
+    let pipeline = StatusPipeline {
+        settings,
+        topology: topology.clone(),
+        pool: pool.clone(),
+        rerouter: Rerouter { publisher: publisher.clone(), topology },
+        consuming,
+    };
+    let result = pipeline.run(shutdown.clone()).await;
+
+    shutdown.cancel();
+    publisher_shutdown.cancel();
+    publisher.close().await;
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    pool.close().await;
+    result
 }

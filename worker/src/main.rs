@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use shared::cli::{ConfigArgs, load_settings_or_exit};
+use shared::amqp::Stream;
 use shared::config::WorkerSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +23,15 @@ enum Command {
     Run,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Move dead-lettered messages back to their work queue (after fixing the cause).
+    ReplayDeadLetters {
+        /// Which queue's dead letters: status, inbound or send.
+        #[arg(long, value_parser = ["status", "inbound", "send"], default_value = "status")]
+        stream: String,
+        /// Only count the dead letters by reason; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 const PROGRAM: &str = "smsflow-worker";
@@ -41,9 +51,25 @@ async fn main() -> std::process::ExitCode {
             worker::run(settings, shutdown).await
         }
         Command::Migrate => worker::migrate(&settings).await,
+        Command::ReplayDeadLetters { stream, dry_run } => replay(&settings, &stream, dry_run).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => shared::cli::fail(PROGRAM, &format!("{e:#}")),
     }
+}
+
+async fn replay(settings: &WorkerSettings, stream: &str, dry_run: bool) -> anyhow::Result<()> {
+    let stream = Stream::ALL.into_iter().find(|s| s.name() == stream).expect("clap restricts the values");
+    let report = worker::replay::replay_dead_letters(&settings.amqp, stream, dry_run).await?;
+    println!("dead letters in {} by reason:", stream.name());
+    for (reason, count) in &report.by_reason {
+        println!("{count:>8}  {reason}");
+    }
+    if dry_run {
+        println!("dry run: nothing moved");
+    } else {
+        println!("replayed {} message(s) to the {} queue", report.replayed, stream.name());
+    }
+    Ok(())
 }

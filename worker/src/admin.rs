@@ -1,0 +1,28 @@
+//! The worker's small admin server: liveness and readiness for the orchestrator.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub async fn serve(listener: TcpListener, consuming: Arc<AtomicBool>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
+        .route("/readyz", get(readyz))
+        .with_state(consuming);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+async fn readyz(State(consuming): State<Arc<AtomicBool>>) -> (StatusCode, &'static str) {
+    if consuming.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
+    }
+}

@@ -1,0 +1,190 @@
+//! From a queued Plivo callback to a status update, or to the reason it is poison.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use shared::amqp::contracts::CallbackEvent;
+use shared::domain::MessageStatus;
+use shared::plivo::errors::parse_error_code;
+use time::OffsetDateTime;
+use time::macros::format_description;
+use uuid::Uuid;
+
+/// One distinct callback, ready to be written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    /// Our message id from `ref`, when the callback carries one.
+    pub reference: Option<Uuid>,
+    pub message_uuid: String,
+    pub status: MessageStatus,
+    /// Plivo's `Sequence`: generation order of callbacks for one message.
+    pub sequence: Option<i64>,
+    pub error_code: Option<i32>,
+    pub units: Option<i32>,
+    /// `TotalAmount` as Plivo wrote it (a decimal string).
+    pub amount: Option<String>,
+    pub sender: Option<String>,
+    pub recipient: Option<String>,
+    /// When the status happened according to Plivo, else when the ingress received it.
+    pub event_at: OffsetDateTime,
+    pub received_at: OffsetDateTime,
+    /// SHA-256 of the sorted parameters: a Plivo retry (new nonce, same fields) is the same event.
+    pub dedupe_key: [u8; 32],
+    /// The parameters as a JSON object (a repeated key holds an array of its values).
+    pub params: serde_json::Value,
+}
+
+/// Why an event can never be processed; it goes to the dead-letter queue with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Poison {
+    #[error("not a JSON callback event: {0}")]
+    NotJson(String),
+    #[error("unsupported schema {schema:?} version {version} (expected {expected:?} version {expected_version})")]
+    WrongSchema { schema: String, version: u32, expected: &'static str, expected_version: u32 },
+    #[error("callback has no MessageUUID")]
+    NoMessageUuid,
+    #[error("callback has no Status")]
+    NoStatus,
+    #[error("unknown status {0:?}")]
+    UnknownStatus(String),
+}
+
+pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
+    let event: CallbackEvent = serde_json::from_slice(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
+    if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
+        return Err(Poison::WrongSchema {
+            schema: event.schema,
+            version: event.version,
+            expected: CallbackEvent::SCHEMA,
+            expected_version: CallbackEvent::VERSION,
+        });
+    }
+    let message_uuid = non_empty(event.param("MessageUUID")).ok_or(Poison::NoMessageUuid)?.to_owned();
+    let raw_status = non_empty(event.param("Status")).ok_or(Poison::NoStatus)?;
+    let status = MessageStatus::from_callback(raw_status).ok_or_else(|| Poison::UnknownStatus(raw_status.to_owned()))?;
+    let reference = event.reference.as_deref().and_then(|r| match Uuid::parse_str(r) {
+        Ok(id) => Some(id),
+        Err(_) => {
+            // Not ours (a hand-made callback URL); correlate by MessageUUID instead.
+            tracing::warn!(message_uuid, "callback ref is not a message id; ignored");
+            None
+        }
+    });
+    let event_at = ["DeliveryReportTime", "SentTime", "QueuedTime", "MessageTime"]
+        .iter()
+        .find_map(|key| non_empty(event.param(key)).and_then(parse_plivo_time))
+        .unwrap_or(event.received_at);
+    Ok(StatusUpdate {
+        reference,
+        message_uuid,
+        status,
+        sequence: non_empty(event.param("Sequence")).and_then(|v| v.parse().ok()),
+        error_code: parse_error_code(event.param("ErrorCode")).and_then(|c| i32::try_from(c).ok()),
+        units: non_empty(event.param("Units")).and_then(|v| v.parse().ok()),
+        amount: non_empty(event.param("TotalAmount")).filter(|a| a.parse::<f64>().is_ok()).map(str::to_owned),
+        sender: non_empty(event.param("From")).map(str::to_owned),
+        recipient: non_empty(event.param("To")).map(str::to_owned),
+        event_at,
+        received_at: event.received_at,
+        dedupe_key: dedupe_key(&event.params),
+        params: params_json(&event.params),
+    })
+}
+
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// `2024-05-14 09:12:44.319284`, taken as UTC (Plivo does not say; PROTOCOL.md §2.1).
+fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
+    let with_fraction = format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond]");
+    let without = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::PrimitiveDateTime::parse(raw, with_fraction)
+        .or_else(|_| time::PrimitiveDateTime::parse(raw, without))
+        .ok()
+        .map(|t| t.assume_utc())
+}
+
+/// Length-prefixed so that no two different parameter sets hash the same text.
+pub fn dedupe_key(params: &[(String, String)]) -> [u8; 32] {
+    let mut sorted: Vec<&(String, String)> = params.iter().collect();
+    sorted.sort_unstable();
+    let mut hasher = Sha256::new();
+    for (k, v) in sorted {
+        hasher.update((k.len() as u64).to_le_bytes());
+        hasher.update(k.as_bytes());
+        hasher.update((v.len() as u64).to_le_bytes());
+        hasher.update(v.as_bytes());
+    }
+    hasher.finalize().into()
+}
+
+fn params_json(params: &[(String, String)]) -> serde_json::Value {
+    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, v) in params {
+        grouped.entry(k).or_default().push(v);
+    }
+    grouped
+        .into_iter()
+        .map(|(k, vs)| {
+            let value = if vs.len() == 1 { vs[0].into() } else { vs.into_iter().map(serde_json::Value::from).collect() };
+            (k.to_owned(), value)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(params: &[(&str, &str)]) -> Vec<u8> {
+        let event = CallbackEvent {
+            schema: CallbackEvent::SCHEMA.into(),
+            version: CallbackEvent::VERSION,
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            query: vec![],
+            reference: None,
+            method: "POST".into(),
+            signature: "v3".into(),
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            request_id: "r".into(),
+        };
+        serde_json::to_vec(&event).unwrap()
+    }
+
+    #[test]
+    fn parses_a_full_callback() {
+        let update = parse(&event(&[
+            ("MessageUUID", "u1"),
+            ("Status", "undelivered"),
+            ("ErrorCode", "30"),
+            ("Sequence", "4"),
+            ("Units", "2"),
+            ("TotalAmount", "0.01300"),
+            ("DeliveryReportTime", "2024-05-14 09:12:49.750186"),
+        ]))
+        .unwrap();
+        assert_eq!(update.status, MessageStatus::Undelivered);
+        assert_eq!((update.error_code, update.sequence, update.units), (Some(30), Some(4), Some(2)));
+        assert_eq!(update.amount.as_deref(), Some("0.01300"));
+        assert_eq!(update.event_at.unix_timestamp(), 1_715_677_969);
+    }
+
+    #[test]
+    fn poison_is_recognised_with_its_reason() {
+        assert!(matches!(parse(b"not json"), Err(Poison::NotJson(_))));
+        assert_eq!(parse(&event(&[("Status", "sent")])), Err(Poison::NoMessageUuid));
+        assert_eq!(parse(&event(&[("MessageUUID", "u")])), Err(Poison::NoStatus));
+        assert_eq!(parse(&event(&[("MessageUUID", "u"), ("Status", "lost")])), Err(Poison::UnknownStatus("lost".into())));
+    }
+
+    #[test]
+    fn the_dedupe_key_ignores_wire_order_but_not_content() {
+        let a = dedupe_key(&[("a".into(), "1".into()), ("b".into(), "2".into())]);
+        let b = dedupe_key(&[("b".into(), "2".into()), ("a".into(), "1".into())]);
+        let c = dedupe_key(&[("a".into(), "12".into()), ("b".into(), "".into())]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}
