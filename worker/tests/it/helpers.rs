@@ -1,0 +1,179 @@
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::headers::json_message;
+use shared::amqp::{Publisher, Stream};
+use shared::config::WorkerSettings;
+use shared::testing::{TestBroker, base_worker_settings};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub struct TestWorker {
+    pub broker: TestBroker,
+    pub publisher: Publisher,
+    pub settings: WorkerSettings,
+    publisher_shutdown: CancellationToken,
+    pub shutdown: CancellationToken,
+    pub handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A status callback as the ingress would queue it.
+pub fn callback(message_uuid: &str, status: &str, sequence: u32) -> CallbackEvent {
+    let mut params: Vec<(String, String)> = [
+        ("MessageUUID", message_uuid),
+        ("Status", status),
+        ("To", "14155550199"),
+        ("From", "14155550123"),
+        ("Units", "1"),
+        ("TotalAmount", "0.00650"),
+        ("TotalRate", "0.00650"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    params.push(("Sequence".into(), sequence.to_string()));
+    params.push(("ErrorCode".into(), if status == "undelivered" { "30".into() } else { String::new() }));
+    CallbackEvent {
+        schema: CallbackEvent::SCHEMA.into(),
+        version: CallbackEvent::VERSION,
+        params,
+        query: vec![],
+        reference: None,
+        method: "POST".into(),
+        signature: "v3".into(),
+        received_at: OffsetDateTime::now_utc(),
+        request_id: Uuid::new_v4().to_string(),
+    }
+}
+
+pub fn settings_for(broker: &TestBroker) -> WorkerSettings {
+    let mut settings = base_worker_settings();
+    settings.amqp = broker.amqp_settings();
+    settings.worker.batch_wait_ms = 10;
+    settings
+}
+
+/// Starts the worker in-process on `pool` with a fresh topology.
+pub async fn start_worker(pool: &PgPool, adjust: impl FnOnce(&mut WorkerSettings)) -> TestWorker {
+    start_worker_on(TestBroker::new().await, pool.clone(), adjust).await
+}
+
+pub async fn start_worker_on(broker: TestBroker, pool: PgPool, adjust: impl FnOnce(&mut WorkerSettings)) -> TestWorker {
+    let mut settings = settings_for(&broker);
+    adjust(&mut settings);
+    let (publisher, publisher_shutdown) = publisher_for(&settings).await;
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(worker::run_with(settings.clone(), pool, None, shutdown.clone()));
+    TestWorker { broker, publisher, settings, publisher_shutdown, shutdown, handle: Some(handle) }
+}
+
+pub async fn publisher_for(settings: &WorkerSettings) -> (Publisher, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let topology = shared::amqp::Topology::from_settings(&settings.amqp);
+    let publisher = Publisher::start(settings.amqp.clone(), topology, "test publisher", shutdown.clone());
+    assert!(publisher.wait_ready(Duration::from_secs(10)).await, "test publisher connects");
+    (publisher, shutdown)
+}
+
+pub async fn publish_events(publisher: &Publisher, events: &[CallbackEvent]) {
+    futures_util::stream::iter(events)
+        .for_each_concurrent(200, |event| async move {
+            publish_raw(publisher, &serde_json::to_vec(event).unwrap(), CallbackEvent::SCHEMA, CallbackEvent::VERSION).await
+        })
+        .await;
+}
+
+pub async fn publish_raw(publisher: &Publisher, payload: &[u8], schema: &str, version: u32) {
+    let properties = json_message(schema, version, &Uuid::now_v7().to_string(), Default::default());
+    publisher.publish(Stream::Status.routing_key(), payload, properties).await.expect("test publish confirmed");
+}
+
+impl TestWorker {
+    pub async fn publish(&self, events: &[CallbackEvent]) {
+        publish_events(&self.publisher, events).await;
+    }
+
+    /// Stops the worker gracefully and returns its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let result = self.handle.take().expect("running").await.expect("worker task");
+        self.publisher_shutdown.cancel();
+        result
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.publisher_shutdown.cancel();
+    }
+}
+
+pub async fn count_events(pool: &PgPool) -> i64 {
+    sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM message_events"#).fetch_one(pool).await.unwrap()
+}
+
+/// Polls until `message_events` holds `expected` rows; panics after `timeout`.
+pub async fn wait_for_events(pool: &PgPool, expected: i64, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let n = count_events(pool).await;
+        if n == expected {
+            return;
+        }
+        assert!(n < expected, "more events than expected: {n} > {expected}");
+        assert!(tokio::time::Instant::now() < deadline, "timed out with {n} of {expected} events");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (status, error_code) of a message by Plivo MessageUUID.
+pub async fn state_of(pool: &PgPool, message_uuid: &str) -> (String, Option<i32>) {
+    let row = sqlx::query!("SELECT status, error_code FROM messages WHERE message_uuid = $1", message_uuid)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("message {message_uuid}: {e}"));
+    (row.status, row.error_code)
+}
+
+/// A deterministic shuffle (no RNG crate needed for a fixed test order).
+pub fn shuffle<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        items.swap(i, (seed >> 33) as usize % (i + 1));
+    }
+}
+
+/// The story of message `i` in the bulk tests: queued, sent, then delivered or undelivered; two
+/// of the callbacks arrive twice (as Plivo retries would).
+pub fn story(i: usize) -> (String, Vec<CallbackEvent>, &'static str) {
+    let uuid = format!("bulk-{i:05}");
+    let last = if i % 4 == 0 { "undelivered" } else { "delivered" };
+    let events = vec![
+        callback(&uuid, "queued", 1),
+        callback(&uuid, "sent", 2),
+        callback(&uuid, last, 3),
+        callback(&uuid, "sent", 2),
+        callback(&uuid, last, 3),
+    ];
+    (uuid, events, last)
+}
+
+/// Asserts every bulk message ended as its story says.
+pub async fn assert_stories(pool: &PgPool, messages: usize) {
+    let rows = sqlx::query!(r#"SELECT message_uuid AS "message_uuid!", status, error_code FROM messages"#)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), messages, "one row per message");
+    for row in rows {
+        let i: usize = row.message_uuid.trim_start_matches("bulk-").parse().unwrap();
+        let (_, _, last) = story(i);
+        assert_eq!(row.status, last, "{}", row.message_uuid);
+        assert_eq!(row.error_code, (last == "undelivered").then_some(30), "{}", row.message_uuid);
+    }
+}

@@ -1,0 +1,9 @@
+//! Worker integration tests against the real RabbitMQ and PostgreSQL: each test gets a fresh
+//! database (`#[sqlx::test]`) and a random topology prefix.
+
+mod crash;
+mod helpers;
+mod infra;
+mod outage;
+mod poison;
+mod status;

@@ -1,0 +1,77 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use shared::amqp::Stream;
+use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::headers::get_str;
+use shared::amqp::topology::DEAD_LETTER_REASON_HEADER;
+use sqlx::PgPool;
+
+use crate::helpers::{callback, publish_raw, start_worker, state_of, wait_for_events};
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn poison_is_dead_lettered_with_its_reason_and_the_events_after_it_are_processed(pool: PgPool) {
+    let worker = start_worker(&pool, |_| {}).await;
+    let no_uuid = {
+        let mut e = callback("x", "sent", 1);
+        e.params.retain(|(k, _)| k != "MessageUUID");
+        e
+    };
+    let unknown_status = callback("m-poison-status", "teleported", 1);
+    let wrong_version = callback("m-poison-version", "sent", 1);
+    publish_raw(&worker.publisher, b"this is not json", CallbackEvent::SCHEMA, 1).await;
+    publish_raw(&worker.publisher, &serde_json::to_vec(&no_uuid).unwrap(), CallbackEvent::SCHEMA, 1).await;
+    publish_raw(&worker.publisher, &serde_json::to_vec(&unknown_status).unwrap(), CallbackEvent::SCHEMA, 1).await;
+    let mut body = serde_json::to_value(&wrong_version).unwrap();
+    body["version"] = 99.into();
+    publish_raw(&worker.publisher, &serde_json::to_vec(&body).unwrap(), CallbackEvent::SCHEMA, 99).await;
+    worker.publish(&[callback("m-good", "delivered", 3)]).await;
+
+    wait_for_events(&pool, 1, Duration::from_secs(20)).await;
+    assert_eq!(state_of(&pool, "m-good").await.0, "delivered");
+
+    let dead = worker.broker.topology.dead_letter_queue(Stream::Status);
+    let mut reasons = Vec::new();
+    for _ in 0..50 {
+        if worker.broker.len(&dead).await >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = worker::replay::replay_dead_letters(&worker.settings.amqp, Stream::Status, true).await.unwrap();
+    assert_eq!(report.by_reason.values().sum::<u64>(), 4, "dry run counts: {:?}", report.by_reason);
+    assert_eq!(report.replayed, 0);
+    assert_eq!(worker.broker.len(&dead).await, 4, "a dry run moves nothing");
+    while let Some(message) = worker.broker.get(&dead).await {
+        reasons.push(get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap().to_owned());
+    }
+    reasons.sort();
+    let expected = ["callback has no MessageUUID", "not a JSON callback event", "unknown status", "unsupported schema"];
+    for (reason, prefix) in reasons.iter().zip(expected) {
+        assert!(reason.starts_with(prefix), "{reason:?} starts with {prefix:?}");
+    }
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn replayed_dead_letters_are_processed_once_the_cause_is_fixed(pool: PgPool) {
+    // A valid event sits in the dead-letter queue, as if the cause had been fixed since.
+    let worker = start_worker(&pool, |_| {}).await;
+    let event = callback("m-replayed", "delivered", 3);
+    let dead_exchange = worker.broker.topology.dead_letter_exchange();
+    let properties = shared::amqp::headers::json_message(CallbackEvent::SCHEMA, 1, "id-1", Default::default());
+    worker
+        .publisher
+        .publish_to(&dead_exchange, Stream::Status.name(), &serde_json::to_vec(&event).unwrap(), properties)
+        .await
+        .unwrap();
+
+    let report = worker::replay::replay_dead_letters(&worker.settings.amqp, Stream::Status, false).await.unwrap();
+
+    assert_eq!(report.replayed, 1);
+    assert_eq!(report.by_reason, BTreeMap::from([("unknown".to_owned(), 1)]));
+    wait_for_events(&pool, 1, Duration::from_secs(20)).await;
+    assert_eq!(state_of(&pool, "m-replayed").await.0, "delivered");
+    assert_eq!(worker.broker.len(&worker.broker.topology.dead_letter_queue(Stream::Status)).await, 0);
+    worker.stop().await.unwrap();
+}
