@@ -214,7 +214,7 @@ impl AmqpSettings {
         positive("amqp.prefetch", self.prefetch.into())?;
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
-        if self.retry_delays_ms.iter().any(|d| *d == 0) {
+        if self.retry_delays_ms.contains(&0) {
             return Err(ConfigError::new("amqp.retry_delays_ms", "every delay must be > 0"));
         }
         Ok(())

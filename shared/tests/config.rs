@@ -163,3 +163,27 @@ mod tempfile_lite {
         }
     }
 }
+
+/// Every key in default.toml (set or commented out) has a row in the README's reference table.
+#[test]
+fn the_readme_documents_every_configuration_key() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut section = String::new();
+    let mut keys = Vec::new();
+    for line in shared::config::DEFAULTS_TOML.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let line = line.strip_prefix("# ").unwrap_or(line);
+        if let Some((key, _)) = line.split_once(" = ")
+            && !section.is_empty()
+            && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            keys.push(format!("{section}.{key}"));
+        }
+    }
+    assert!(keys.len() > 30, "parsed {} keys", keys.len());
+    let missing: Vec<_> = keys.iter().filter(|k| !readme.contains(&format!("| `{k}` |"))).collect();
+    assert!(missing.is_empty(), "README configuration table lacks {missing:?}");
+}

@@ -10,7 +10,11 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub async fn serve(listener: TcpListener, consuming: Arc<AtomicBool>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    consuming: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
         .route("/readyz", get(readyz))

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicQosOptions;
 use lapin::options::BasicConsumeOptions;
+use lapin::options::BasicQosOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
 use shared::amqp::headers::get_int;
@@ -68,7 +68,10 @@ impl Rerouter {
                 tracing::info!(stream = stream.name(), attempt, reason, "retrying a message later");
                 let properties = with_headers(
                     delivery,
-                    &[(RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)), (DEAD_LETTER_REASON_HEADER, header_text(reason))],
+                    &[
+                        (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)),
+                        (DEAD_LETTER_REASON_HEADER, header_text(reason)),
+                    ],
                 );
                 self.publisher.publish_to("", &queue, &delivery.data, properties).await
             }

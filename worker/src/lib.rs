@@ -38,7 +38,16 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> anyho
     let admin = TcpListener::bind(settings.worker.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (worker.admin_listen): {e}", settings.worker.admin_listen))?;
-    run_with(settings, pool, Some(admin), shutdown).await
+    let grace = std::time::Duration::from_millis(settings.worker.shutdown_grace_ms);
+    let running = run_with(settings, pool, Some(admin), shutdown.clone());
+    tokio::pin!(running);
+    tokio::select! {
+        result = &mut running => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            // Whatever was not acked will be redelivered to another worker; writes are idempotent.
+            anyhow::bail!("the batch in hand did not finish within worker.shutdown_grace_ms ({} ms)", grace.as_millis())
+        }
+    }
 }
 
 /// Processes with an existing pool (tests pass a fresh database's pool).
@@ -51,8 +60,12 @@ pub async fn run_with(
     let topology = Topology::from_settings(&settings.amqp);
     // Publishing (dead letters, retries) has its own connection, closed after consuming stops.
     let publisher_shutdown = CancellationToken::new();
-    let publisher =
-        Publisher::start(settings.amqp.clone(), topology.clone(), "smsflow-worker publisher", publisher_shutdown.clone());
+    let publisher = Publisher::start(
+        settings.amqp.clone(),
+        topology.clone(),
+        "smsflow-worker publisher",
+        publisher_shutdown.clone(),
+    );
     let consuming = Arc::new(AtomicBool::new(false));
     let admin_task = admin.map(|listener| tokio::spawn(admin::serve(listener, consuming.clone(), shutdown.clone())));
 

@@ -2,8 +2,8 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use shared::cli::{ConfigArgs, load_settings_or_exit};
 use shared::amqp::Stream;
+use shared::cli::{ConfigArgs, load_settings_or_exit};
 use shared::config::WorkerSettings;
 use tokio_util::sync::CancellationToken;
 

@@ -21,7 +21,11 @@ pub struct ReplayReport {
 
 /// Replays (or with `dry_run` counts) the messages dead-lettered from `stream`'s queue. Only
 /// the messages present at the start are touched, so a message that fails again is not looped.
-pub async fn replay_dead_letters(settings: &AmqpSettings, stream: Stream, dry_run: bool) -> anyhow::Result<ReplayReport> {
+pub async fn replay_dead_letters(
+    settings: &AmqpSettings,
+    stream: Stream,
+    dry_run: bool,
+) -> anyhow::Result<ReplayReport> {
     let topology = Topology::from_settings(settings);
     let connection = shared::amqp::connect(settings, "smsflow-worker replay").await?;
     let channel = connection.create_channel().await?;
@@ -54,7 +58,8 @@ pub async fn replay_dead_letters(settings: &AmqpSettings, stream: Stream, dry_ru
         let mut headers = headers.unwrap_or_default();
         let mut cleaned = FieldTable::default();
         for (key, value) in headers.inner() {
-            if ![DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER].contains(&key.as_str()) && !key.as_str().starts_with("x-death")
+            if ![DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER].contains(&key.as_str())
+                && !key.as_str().starts_with("x-death")
             {
                 cleaned.insert(key.clone(), value.clone());
             }

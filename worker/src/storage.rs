@@ -104,7 +104,7 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         "#,
         &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
         &rows.iter().map(|(_, u)| u.message_uuid.clone()).collect::<Vec<_>>(),
-        &rows.iter().map(|(_, u)| u.sender.clone()) .collect::<Vec<_>>() as &[Option<String>],
+        &rows.iter().map(|(_, u)| u.sender.clone()).collect::<Vec<_>>() as &[Option<String>],
         &rows.iter().map(|(_, u)| u.recipient.clone()).collect::<Vec<_>>() as &[Option<String>],
         &rows.iter().map(|(_, u)| u.status.as_str().to_owned()).collect::<Vec<_>>(),
         &rows.iter().map(|(_, u)| u.status.rank()).collect::<Vec<_>>(),

@@ -61,7 +61,8 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
     }
     let message_uuid = non_empty(event.param("MessageUUID")).ok_or(Poison::NoMessageUuid)?.to_owned();
     let raw_status = non_empty(event.param("Status")).ok_or(Poison::NoStatus)?;
-    let status = MessageStatus::from_callback(raw_status).ok_or_else(|| Poison::UnknownStatus(raw_status.to_owned()))?;
+    let status =
+        MessageStatus::from_callback(raw_status).ok_or_else(|| Poison::UnknownStatus(raw_status.to_owned()))?;
     let reference = event.reference.as_deref().and_then(|r| match Uuid::parse_str(r) {
         Ok(id) => Some(id),
         Err(_) => {
@@ -127,7 +128,8 @@ fn params_json(params: &[(String, String)]) -> serde_json::Value {
     grouped
         .into_iter()
         .map(|(k, vs)| {
-            let value = if vs.len() == 1 { vs[0].into() } else { vs.into_iter().map(serde_json::Value::from).collect() };
+            let value =
+                if vs.len() == 1 { vs[0].into() } else { vs.into_iter().map(serde_json::Value::from).collect() };
             (k.to_owned(), value)
         })
         .collect::<serde_json::Map<_, _>>()
@@ -176,7 +178,10 @@ mod tests {
         assert!(matches!(parse(b"not json"), Err(Poison::NotJson(_))));
         assert_eq!(parse(&event(&[("Status", "sent")])), Err(Poison::NoMessageUuid));
         assert_eq!(parse(&event(&[("MessageUUID", "u")])), Err(Poison::NoStatus));
-        assert_eq!(parse(&event(&[("MessageUUID", "u"), ("Status", "lost")])), Err(Poison::UnknownStatus("lost".into())));
+        assert_eq!(
+            parse(&event(&[("MessageUUID", "u"), ("Status", "lost")])),
+            Err(Poison::UnknownStatus("lost".into()))
+        );
     }
 
     #[test]

@@ -143,10 +143,14 @@ impl StatusPipeline {
                     match self.write(std::slice::from_ref(update)).await {
                         Ok(_) => {}
                         Err(e) if storage::is_transient(&e) => {
-                            self.rerouter.retry_later(Stream::Status, delivery, &format!("database unavailable: {e}")).await?
+                            self.rerouter
+                                .retry_later(Stream::Status, delivery, &format!("database unavailable: {e}"))
+                                .await?
                         }
                         Err(e) => {
-                            self.rerouter.dead_letter(Stream::Status, delivery, &format!("refused by the database: {e}")).await?
+                            self.rerouter
+                                .dead_letter(Stream::Status, delivery, &format!("refused by the database: {e}"))
+                                .await?
                         }
                     }
                 }

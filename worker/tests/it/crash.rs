@@ -6,7 +6,9 @@ use std::time::Duration;
 use shared::testing::TestBroker;
 use sqlx::PgPool;
 
-use crate::helpers::{assert_stories, count_events, publish_events, publisher_for, settings_for, story, wait_for_events};
+use crate::helpers::{
+    assert_stories, count_events, publish_events, publisher_for, settings_for, story, wait_for_events,
+};
 use crate::infra::database_url;
 
 fn spawn_worker(broker: &TestBroker, database_url: &str) -> tokio::process::Child {

@@ -82,7 +82,8 @@ pub async fn publisher_for(settings: &WorkerSettings) -> (Publisher, Cancellatio
 pub async fn publish_events(publisher: &Publisher, events: &[CallbackEvent]) {
     futures_util::stream::iter(events)
         .for_each_concurrent(200, |event| async move {
-            publish_raw(publisher, &serde_json::to_vec(event).unwrap(), CallbackEvent::SCHEMA, CallbackEvent::VERSION).await
+            publish_raw(publisher, &serde_json::to_vec(event).unwrap(), CallbackEvent::SCHEMA, CallbackEvent::VERSION)
+                .await
         })
         .await;
 }
@@ -152,7 +153,7 @@ pub fn shuffle<T>(items: &mut [T], mut seed: u64) {
 /// of the callbacks arrive twice (as Plivo retries would).
 pub fn story(i: usize) -> (String, Vec<CallbackEvent>, &'static str) {
     let uuid = format!("bulk-{i:05}");
-    let last = if i % 4 == 0 { "undelivered" } else { "delivered" };
+    let last = if i.is_multiple_of(4) { "undelivered" } else { "delivered" };
     let events = vec![
         callback(&uuid, "queued", 1),
         callback(&uuid, "sent", 2),

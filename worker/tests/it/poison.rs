@@ -43,7 +43,9 @@ async fn poison_is_dead_lettered_with_its_reason_and_the_events_after_it_are_pro
     assert_eq!(report.replayed, 0);
     assert_eq!(worker.broker.len(&dead).await, 4, "a dry run moves nothing");
     while let Some(message) = worker.broker.get(&dead).await {
-        reasons.push(get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap().to_owned());
+        reasons.push(
+            get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap().to_owned(),
+        );
     }
     reasons.sort();
     let expected = ["callback has no MessageUUID", "not a JSON callback event", "unknown status", "unsupported schema"];

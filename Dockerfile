@@ -1,0 +1,25 @@
+# syntax=docker/dockerfile:1.7
+# One image for every smsflow process: smsflow-ingress, smsflow-worker (run, migrate,
+# replay-dead-letters). Queries compile from the committed .sqlx/ data: no database needed.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+ENV SQLX_OFFLINE=true CARGO_TERM_COLOR=never
+COPY . .
+# Cache mounts keep the registry and compiled dependencies between builds.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bins \
+ && mkdir -p /out \
+ && cp target/release/smsflow-ingress target/release/smsflow-worker /out/
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin smsflow
+COPY --from=build /out/ /usr/local/bin/
+USER 10001
+ENV SMSFLOW_TELEMETRY__LOG_FORMAT=json
+EXPOSE 8080 9090
+CMD ["smsflow-ingress"]
