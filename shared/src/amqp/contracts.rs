@@ -37,3 +37,33 @@ impl CallbackEvent {
         self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
+
+/// A request to send one SMS (`smsflow.send-job` version 1; JSON Schema in
+/// `docs/schemas/send-job.v1.json`). `id` is the idempotency key: one id is at most one SMS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendJob {
+    pub id: uuid::Uuid,
+    /// Recipient in E.164 (`+14155550100`).
+    pub to: String,
+    pub text: String,
+    /// Sender: E.164 number, short code or alphanumeric ID; defaults to `plivo.default_sender`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub powerpack_uuid: Option<String>,
+    /// Seconds Plivo may queue the message before failing it with 420.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_expiry: Option<u32>,
+    /// Stored with the message and returned as-is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Reserved: a URL to notify of status changes (accepted and validated, not yet called).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<String>,
+}
+
+impl SendJob {
+    pub const SCHEMA: &'static str = "smsflow.send-job";
+    pub const VERSION: u32 = 1;
+}

@@ -1,5 +1,10 @@
 //! Domain types shared by both services.
 
+pub mod phone;
+pub mod send;
+pub mod sms;
 pub mod status;
 
+pub use phone::PhoneNumber;
+pub use sms::{Encoding, SmsText};
 pub use status::MessageStatus;

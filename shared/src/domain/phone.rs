@@ -1,0 +1,85 @@
+//! Phone numbers in E.164, parsed with libphonenumber's metadata (not a regex).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PhoneNumber(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhoneError {
+    #[error("must be in E.164 format, starting with '+' and the country code (e.g. +14155550100)")]
+    NotE164,
+    #[error("is not a phone number: {0}")]
+    Unparseable(String),
+    #[error("is not a valid number for its country")]
+    Invalid,
+}
+
+impl PhoneNumber {
+    pub fn parse(raw: &str) -> Result<Self, PhoneError> {
+        let raw = raw.trim();
+        if !raw.starts_with('+') {
+            return Err(PhoneError::NotE164);
+        }
+        if !raw[1..].chars().all(|c| c.is_ascii_digit()) {
+            return Err(PhoneError::Unparseable("only digits may follow '+'".into()));
+        }
+        let number = phonenumber::parse(None, raw).map_err(|e| PhoneError::Unparseable(e.to_string()))?;
+        if !phonenumber::is_valid(&number) {
+            return Err(PhoneError::Invalid);
+        }
+        Ok(Self(number.format().mode(phonenumber::Mode::E164).to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Plivo's form: digits only, no '+'.
+    pub fn plivo_digits(&self) -> &str {
+        &self.0[1..]
+    }
+
+    /// Last four digits for logs.
+    pub fn masked(&self) -> String {
+        crate::redact::phone(&self.0)
+    }
+}
+
+impl TryFrom<String> for PhoneNumber {
+    type Error = PhoneError;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::parse(&value)
+    }
+}
+
+impl From<PhoneNumber> for String {
+    fn from(value: PhoneNumber) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_valid_e164_numbers_and_refuses_the_rest() {
+        assert_eq!(PhoneNumber::parse("+14155552671").unwrap().as_str(), "+14155552671");
+        assert_eq!(PhoneNumber::parse("+447911123456").unwrap().plivo_digits(), "447911123456");
+        assert_eq!(PhoneNumber::parse("14155552671"), Err(PhoneError::NotE164));
+        assert!(matches!(PhoneNumber::parse("+1415abc2671"), Err(PhoneError::Unparseable(_))));
+        assert!(PhoneNumber::parse("+1").is_err());
+        assert!(PhoneNumber::parse("+1415").is_err());
+    }
+}

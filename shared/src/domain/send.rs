@@ -1,0 +1,171 @@
+//! Validation of send requests, shared by the HTTP route and the AMQP consumer so both accept
+//! and refuse exactly the same jobs.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::phone::PhoneNumber;
+use super::sms::SmsText;
+use crate::amqp::contracts::SendJob;
+
+pub const MIN_MESSAGE_EXPIRY_SECS: u32 = 5;
+pub const MAX_MESSAGE_EXPIRY_SECS: u32 = 10_800;
+pub const MAX_METADATA_BYTES: usize = 4096;
+
+/// Who the message is from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Sender {
+    Number(PhoneNumber),
+    ShortCode(String),
+    Alphanumeric(String),
+    Powerpack(String),
+}
+
+impl Sender {
+    /// What is stored as the message's sender and matched against opt-outs.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Sender::Number(n) => n.as_str(),
+            Sender::ShortCode(s) | Sender::Alphanumeric(s) | Sender::Powerpack(s) => s,
+        }
+    }
+
+    fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        if raw.starts_with('+') {
+            return PhoneNumber::parse(raw).map(Sender::Number).map_err(|e| e.to_string());
+        }
+        if raw.chars().all(|c| c.is_ascii_digit()) && (3..=8).contains(&raw.len()) {
+            return Ok(Sender::ShortCode(raw.to_owned()));
+        }
+        if (1..=11).contains(&raw.len())
+            && raw.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ')
+            && raw.chars().any(|c| c.is_ascii_alphabetic())
+        {
+            return Ok(Sender::Alphanumeric(raw.to_owned()));
+        }
+        Err("must be an E.164 number (+14155550100), a short code (3–8 digits) or an alphanumeric sender ID (1–11 letters, digits, spaces)".into())
+    }
+}
+
+/// A job that passed validation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidSend {
+    pub id: Uuid,
+    pub to: PhoneNumber,
+    pub text: String,
+    pub sms: SmsText,
+    pub sender: Sender,
+    pub message_expiry: Option<u32>,
+    pub metadata: serde_json::Value,
+}
+
+/// A refused field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn field(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError { field, message: message.into() }
+}
+
+impl SendJob {
+    /// Checks every field; `default_sender` stands in for a missing `from`.
+    pub fn validate(&self, default_sender: &str) -> Result<ValidSend, FieldError> {
+        let to = PhoneNumber::parse(&self.to).map_err(|e| field("to", e.to_string()))?;
+        let sms = SmsText::analyse(&self.text).map_err(|e| field("text", e.to_string()))?;
+        let sender = match (&self.from, &self.powerpack_uuid) {
+            (Some(_), Some(_)) => return Err(field("from", "set either from or powerpack_uuid, not both")),
+            (None, Some(pp)) if pp.trim().is_empty() => return Err(field("powerpack_uuid", "must not be empty")),
+            (None, Some(pp)) => Sender::Powerpack(pp.trim().to_owned()),
+            (Some(from), None) => Sender::parse(from).map_err(|e| field("from", e))?,
+            (None, None) if default_sender.is_empty() => {
+                return Err(field("from", "is required: no default sender is configured (plivo.default_sender)"));
+            }
+            (None, None) => Sender::parse(default_sender).map_err(|e| field("from", format!("default sender {e}")))?,
+        };
+        if let Sender::Number(number) = &sender
+            && *number == to
+        {
+            return Err(field("to", "must differ from the sender"));
+        }
+        if let Some(expiry) = self.message_expiry
+            && !(MIN_MESSAGE_EXPIRY_SECS..=MAX_MESSAGE_EXPIRY_SECS).contains(&expiry)
+        {
+            return Err(field(
+                "message_expiry",
+                format!("must be between {MIN_MESSAGE_EXPIRY_SECS} and {MAX_MESSAGE_EXPIRY_SECS} seconds"),
+            ));
+        }
+        let metadata = serde_json::Value::Object(self.metadata.clone().unwrap_or_default());
+        if metadata.to_string().len() > MAX_METADATA_BYTES {
+            return Err(field("metadata", format!("must be at most {MAX_METADATA_BYTES} bytes of JSON")));
+        }
+        if let Some(callback) = &self.callback
+            && !(callback.starts_with("https://") || callback.starts_with("http://"))
+        {
+            return Err(field("callback", "must be an http:// or https:// URL"));
+        }
+        Ok(ValidSend {
+            id: self.id,
+            to,
+            text: self.text.clone(),
+            sms,
+            sender,
+            message_expiry: self.message_expiry,
+            metadata,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(to: &str, text: &str) -> SendJob {
+        SendJob {
+            id: Uuid::now_v7(),
+            to: to.into(),
+            text: text.into(),
+            from: None,
+            powerpack_uuid: None,
+            message_expiry: None,
+            metadata: None,
+            callback: None,
+        }
+    }
+
+    #[test]
+    fn a_valid_job_gets_the_default_sender_and_its_segments() {
+        let valid = job("+14155552671", "hello").validate("+14155550100").unwrap();
+        assert_eq!(valid.sender.as_str(), "+14155550100");
+        assert_eq!(valid.sms.segments, 1);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (job("14155552671", "hi"), "", "to"),
+            (job("+14155552671", ""), "+14155550100", "text"),
+            (job("+14155552671", "hi"), "", "from"),
+            (SendJob { from: Some("not a sender!".into()), ..job("+14155552671", "hi") }, "", "from"),
+            (SendJob { message_expiry: Some(2), ..job("+14155552671", "hi") }, "+14155550100", "message_expiry"),
+            (
+                SendJob {
+                    powerpack_uuid: Some("pp".into()),
+                    from: Some("+14155550100".into()),
+                    ..job("+14155552671", "hi")
+                },
+                "",
+                "from",
+            ),
+        ];
+        for (job, default_sender, expected) in cases {
+            assert_eq!(job.validate(default_sender).unwrap_err().field, expected, "{job:?}");
+        }
+    }
+}
