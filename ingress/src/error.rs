@@ -1,5 +1,6 @@
-//! The ingress's one error type and its HTTP rendering: `{"error": {"code", "message"}}`.
-//! Messages name the problem but never echo secrets, phone numbers or message text.
+//! The ingress's one error type and its HTTP rendering: `{"error": {"code", "message"}}`
+//! (plus `field` for a refused field). Messages name the problem but never echo secrets,
+//! phone numbers or message text.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -12,14 +13,22 @@ pub enum IngressError {
     MissingSignature(String),
     #[error("{0}")]
     InvalidSignature(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("content type must be application/x-www-form-urlencoded")]
-    UnsupportedMediaType,
+    #[error("content type must be {expected}")]
+    UnsupportedMediaType { expected: &'static str },
     #[error("{0}")]
     BadRequest(String),
-    #[error("too many requests that fail verification; retry later")]
-    RateLimited { retry_after_secs: u64 },
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    InvalidField { field: Option<String>, message: String },
+    #[error("{0}")]
+    RateLimited(String, u64),
     #[error("no such route")]
     NotFound,
     #[error("message broker unavailable: {reason}")]
@@ -29,12 +38,13 @@ pub enum IngressError {
 impl IngressError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::MissingSignature(_) => StatusCode::UNAUTHORIZED,
-            Self::InvalidSignature(_) => StatusCode::FORBIDDEN,
+            Self::MissingSignature(_) | Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::InvalidSignature(_) | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BadRequest(_) | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -44,10 +54,14 @@ impl IngressError {
         match self {
             Self::MissingSignature(_) => "missing_signature",
             Self::InvalidSignature(_) => "invalid_signature",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
             Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::BadRequest(_) => "bad_request",
-            Self::RateLimited { .. } => "rate_limited",
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::RateLimited(..) => "rate_limited",
             Self::NotFound => "not_found",
             Self::Unavailable { .. } => "unavailable",
         }
@@ -64,11 +78,14 @@ impl IntoResponse for IngressError {
         }
         let retry_after = match &self {
             Self::Unavailable { retry_after_secs, .. } => Some(u64::from(*retry_after_secs)),
-            Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Self::RateLimited(_, secs) => Some(*secs),
             _ => None,
         };
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        let mut response = (status, Json(body)).into_response();
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let Self::InvalidField { field: Some(field), .. } = &self {
+            error["field"] = field.as_str().into();
+        }
+        let mut response = (status, Json(json!({ "error": error }))).into_response();
         if let Some(secs) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

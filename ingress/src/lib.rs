@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
-use axum::routing::get;
+use axum::routing::{get, post};
 use shared::amqp::{Publisher, Topology};
 use shared::config::IngressSettings;
 use shared::plivo::signature::Verifier;
@@ -39,6 +39,8 @@ pub struct AppState {
     pub retry_after_secs: u32,
     /// Global budget for requests that fail verification.
     pub unverified_budget: Arc<TokenBucket>,
+    pub api_tokens: Arc<Vec<routes::send::ApiToken>>,
+    pub default_sender: Arc<str>,
 }
 
 impl AppState {
@@ -54,6 +56,15 @@ impl AppState {
                 settings.http.unverified_per_second.into(),
                 settings.http.unverified_burst.into(),
             )),
+            api_tokens: Arc::new(
+                settings
+                    .api
+                    .tokens
+                    .iter()
+                    .map(|t| routes::send::ApiToken::new(t.clone(), settings.api.rate_per_second, settings.api.burst))
+                    .collect(),
+            ),
+            default_sender: settings.plivo.default_sender.as_str().into(),
         }
     }
 
@@ -61,7 +72,10 @@ impl AppState {
     pub(crate) fn unverified(&self, error: IngressError) -> IngressError {
         match self.unverified_budget.try_take() {
             Ok(()) => error,
-            Err(wait) => IngressError::RateLimited { retry_after_secs: wait.as_secs().max(1) },
+            Err(wait) => IngressError::RateLimited(
+                "too many requests that fail verification; retry later".into(),
+                wait.as_secs().max(1),
+            ),
         }
     }
 }
@@ -78,6 +92,8 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let mut router = Router::new()
         .route("/plivo/callback", get(routes::plivo::status_callback).post(routes::plivo::status_callback))
         .route("/plivo/inbound", get(routes::plivo::inbound_message).post(routes::plivo::inbound_message))
+        .route("/v1/messages", post(routes::send::create_message))
+        .route("/send-sms", post(routes::send::create_message))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)

@@ -334,10 +334,63 @@ impl WorkerTuning {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ApiSettings {
+    #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
+    pub tokens: Vec<SecretString>,
+    pub rate_per_second: u32,
+    pub burst: u32,
+}
+
+impl ApiSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.tokens.iter().any(|t| t.expose_secret().len() < 16) {
+            return Err(ConfigError::new("api.tokens", "every token must be at least 16 characters"));
+        }
+        positive("api.rate_per_second", self.rate_per_second.into())?;
+        positive("api.burst", self.burst.into())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryGuarantee {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SendingSettings {
+    pub sender_rate_per_second: f64,
+    pub sender_burst: u32,
+    pub concurrency: u16,
+    pub in_process_retries: usize,
+    pub retry_statuses: Vec<u16>,
+    pub delivery: DeliveryGuarantee,
+}
+
+impl SendingSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.sender_rate_per_second.is_nan() || self.sender_rate_per_second <= 0.0 {
+            return Err(ConfigError::new("sending.sender_rate_per_second", "must be greater than 0"));
+        }
+        positive("sending.sender_burst", self.sender_burst.into())?;
+        positive("sending.concurrency", self.concurrency.into())?;
+        if let Some(code) = self.retry_statuses.iter().find(|c| !(*c == &429 || (500..=599).contains(*c))) {
+            return Err(ConfigError::new(
+                "sending.retry_statuses",
+                format!("{code} cannot be retried safely: only 429 and 5xx are allowed"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The ingress's settings tree.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct IngressSettings {
     pub http: HttpSettings,
+    pub api: ApiSettings,
     pub amqp: AmqpSettings,
     pub plivo: PlivoSettings,
     pub telemetry: TelemetrySettings,
@@ -346,6 +399,7 @@ pub struct IngressSettings {
 impl Validate for IngressSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        self.api.validate()?;
         self.amqp.validate()?;
         self.plivo.validate()?;
         self.telemetry.validate()
@@ -356,6 +410,7 @@ impl Validate for IngressSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerSettings {
     pub worker: WorkerTuning,
+    pub sending: SendingSettings,
     pub http: HttpSettings,
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
@@ -366,6 +421,7 @@ pub struct WorkerSettings {
 impl Validate for WorkerSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.worker.validate()?;
+        self.sending.validate()?;
         self.http.validate()?;
         self.amqp.validate()?;
         self.database.validate()?;

@@ -10,9 +10,10 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// `consuming`: one flag per pipeline; ready when every one has a consumer attached.
 pub async fn serve(
     listener: TcpListener,
-    consuming: Arc<AtomicBool>,
+    consuming: Vec<Arc<AtomicBool>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let app = Router::new()
@@ -23,8 +24,8 @@ pub async fn serve(
     Ok(())
 }
 
-async fn readyz(State(consuming): State<Arc<AtomicBool>>) -> (StatusCode, &'static str) {
-    if consuming.load(Ordering::Relaxed) {
+async fn readyz(State(consuming): State<Vec<Arc<AtomicBool>>>) -> (StatusCode, &'static str) {
+    if consuming.iter().all(|flag| flag.load(Ordering::Relaxed)) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming")

@@ -2,7 +2,10 @@
 //! now to the retry ladder or the dead-letter queue (always with a publisher confirm, before
 //! the original delivery is acked).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 
 use lapin::message::Delivery;
 use lapin::options::BasicConsumeOptions;
@@ -13,6 +16,8 @@ use shared::amqp::headers::get_int;
 use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{PublishError, Publisher, Stream, Topology};
 use shared::config::AmqpSettings;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// A connection with one consuming channel.
 pub struct Session {
@@ -22,11 +27,16 @@ pub struct Session {
 }
 
 impl Session {
-    pub async fn open(settings: &AmqpSettings, topology: &Topology, stream: Stream) -> anyhow::Result<Self> {
+    pub async fn open(
+        settings: &AmqpSettings,
+        topology: &Topology,
+        stream: Stream,
+        prefetch: u16,
+    ) -> anyhow::Result<Self> {
         let connection = shared::amqp::connect(settings, &format!("smsflow-worker {}", stream.name())).await?;
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;
-        channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = channel
             .basic_consume(
                 topology.queue(stream).into(),
@@ -41,6 +51,63 @@ impl Session {
     pub async fn close(self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.connection.close(200, "shutting down".into())).await;
     }
+}
+
+/// How a consuming session ended.
+pub enum SessionEnd {
+    Shutdown,
+    Lost(anyhow::Error),
+}
+
+/// Runs `consume` on fresh sessions until shutdown. A lost broker connection is rebuilt with
+/// backoff; if it cannot be rebuilt within `amqp.reconnect_give_up_ms` this returns an error so
+/// the process exits and the orchestrator restarts it (lapin's own recovery can hang).
+pub async fn consume_with_reconnect(
+    settings: &AmqpSettings,
+    topology: &Topology,
+    stream: Stream,
+    prefetch: u16,
+    consuming: &AtomicBool,
+    shutdown: &CancellationToken,
+    mut consume: impl for<'s> FnMut(&'s mut Session) -> BoxFuture<'s, SessionEnd>,
+) -> anyhow::Result<()> {
+    let give_up = Duration::from_millis(settings.reconnect_give_up_ms);
+    let mut down_since = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let error = match Session::open(settings, topology, stream, prefetch).await {
+            Ok(mut session) => {
+                consuming.store(true, Ordering::Relaxed);
+                tracing::info!(queue = %topology.queue(stream), "consuming");
+                let end = consume(&mut session).await;
+                consuming.store(false, Ordering::Relaxed);
+                session.close().await;
+                down_since = Instant::now();
+                delay = Duration::from_millis(100);
+                match end {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost(error) => error,
+                }
+            }
+            Err(error) => error,
+        };
+        if down_since.elapsed() > give_up {
+            return Err(error.context(format!("RabbitMQ not recovered within {} ms", give_up.as_millis())));
+        }
+        tracing::warn!(stream = stream.name(), error = %format!("{error:#}"), "broker session lost; reconnecting");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Where `retry_later` sent a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rerouted {
+    RetryScheduled { attempt: i64 },
+    DeadLettered,
 }
 
 /// Publishes deliveries to the retry ladder or the dead-letter queue.
@@ -61,7 +128,12 @@ impl Rerouter {
     }
 
     /// Sends a delivery to the next rung of the retry ladder, or dead-letters it past the last.
-    pub async fn retry_later(&self, stream: Stream, delivery: &Delivery, reason: &str) -> Result<(), PublishError> {
+    pub async fn retry_later(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<Rerouted, PublishError> {
         let attempt = get_int(delivery.properties.headers().as_ref(), RETRY_COUNT_HEADER).unwrap_or(0) + 1;
         match self.topology.retry_queue(stream, attempt as usize) {
             Some(queue) => {
@@ -73,11 +145,13 @@ impl Rerouter {
                         (DEAD_LETTER_REASON_HEADER, header_text(reason)),
                     ],
                 );
-                self.publisher.publish_to("", &queue, &delivery.data, properties).await
+                self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
+                Ok(Rerouted::RetryScheduled { attempt })
             }
             None => {
                 let reason = format!("gave up after {} retries: {reason}", attempt - 1);
-                self.dead_letter(stream, delivery, &reason).await
+                self.dead_letter(stream, delivery, &reason).await?;
+                Ok(Rerouted::DeadLettered)
             }
         }
     }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod broker;
 pub mod replay;
+pub mod send;
 pub mod status;
 pub mod storage;
 
@@ -21,6 +22,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Rerouter;
+use crate::send::SendPipeline;
+use crate::send::plivo::PlivoClient;
+use crate::send::ratelimit::SenderRateLimiter;
 use crate::status::StatusPipeline;
 
 /// Applies the database migrations (the `migrate` subcommand).
@@ -66,17 +70,37 @@ pub async fn run_with(
         "smsflow-worker publisher",
         publisher_shutdown.clone(),
     );
-    let consuming = Arc::new(AtomicBool::new(false));
-    let admin_task = admin.map(|listener| tokio::spawn(admin::serve(listener, consuming.clone(), shutdown.clone())));
-
-    let pipeline = StatusPipeline {
-        settings,
+    let status_consuming = Arc::new(AtomicBool::new(false));
+    let send_consuming = Arc::new(AtomicBool::new(false));
+    let admin_task = admin.map(|listener| {
+        let flags = vec![status_consuming.clone(), send_consuming.clone()];
+        tokio::spawn(admin::serve(listener, flags, shutdown.clone()))
+    });
+    let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
+    let send = Arc::new(SendPipeline {
+        plivo: PlivoClient::new(&settings.plivo, &settings.http, &settings.sending)?,
+        limiter: SenderRateLimiter::new(settings.sending.sender_rate_per_second, settings.sending.sender_burst),
+        settings: settings.clone(),
         topology: topology.clone(),
         pool: pool.clone(),
-        rerouter: Rerouter { publisher: publisher.clone(), topology },
-        consuming,
+        rerouter: rerouter.clone(),
+        consuming: send_consuming,
+    });
+    let status =
+        Arc::new(StatusPipeline { settings, topology, pool: pool.clone(), rerouter, consuming: status_consuming });
+
+    // Either pipeline failing for good stops the other: the process exits and is restarted.
+    let stop_on_error = |result: anyhow::Result<()>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
     };
-    let result = pipeline.run(shutdown.clone()).await;
+    let (status_result, send_result) =
+        tokio::join!(async { stop_on_error(status.run(shutdown.clone()).await) }, async {
+            stop_on_error(send.run(shutdown.clone()).await)
+        },);
+    let result = status_result.and(send_result);
 
     shutdown.cancel();
     publisher_shutdown.cancel();

@@ -158,3 +158,118 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// The send path's writes. Each moves a message between the states the send path owns
+/// (accepted ⇄ sending → submitted/unknown/failed/rejected) and never lowers what a callback set.
+pub mod sending {
+    use shared::domain::send::ValidSend;
+    use sqlx::PgPool;
+    use uuid::Uuid;
+
+    /// Records a job as `accepted`; false when its row already exists (a duplicate or redelivery).
+    pub async fn record_job(pool: &PgPool, job: &ValidSend) -> Result<bool, sqlx::Error> {
+        let inserted = sqlx::query!(
+            r#"
+            INSERT INTO messages (id, sender, recipient, body, status, status_rank, encoding, segments, metadata, accepted_at)
+            VALUES ($1, $2, $3, $4, 'accepted', 10, $5, $6, $7, now())
+            ON CONFLICT (id) DO NOTHING
+            "#,
+            job.id,
+            job.sender.as_str(),
+            job.to.as_str(),
+            job.text,
+            job.sms.encoding.as_str(),
+            job.sms.segments as i16,
+            job.metadata,
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// Whether the recipient opted out of this sender (or of all our senders).
+    pub async fn is_opted_out(pool: &PgPool, recipient: &str, sender: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM opt_outs WHERE recipient = $1 AND sender IN ($2, '*')) AS "suppressed!""#,
+            recipient,
+            sender
+        )
+        .fetch_one(pool)
+        .await
+    }
+
+    /// Takes the job for sending; `None` when another delivery already did.
+    pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<i32>, sqlx::Error> {
+        sqlx::query_scalar!(
+            r#"UPDATE messages SET status = 'sending', status_rank = 20, attempts = attempts + 1, updated_at = now()
+               WHERE id = $1 AND status = 'accepted' RETURNING attempts"#,
+            id
+        )
+        .fetch_optional(pool)
+        .await
+    }
+
+    pub async fn status_of(pool: &PgPool, id: Uuid) -> Result<Option<String>, sqlx::Error> {
+        sqlx::query_scalar!("SELECT status FROM messages WHERE id = $1", id).fetch_optional(pool).await
+    }
+
+    /// Plivo accepted the message; a callback may already have moved it further.
+    pub async fn mark_submitted(pool: &PgPool, id: Uuid, message_uuid: Option<&str>) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            r#"UPDATE messages SET
+                   message_uuid = COALESCE(message_uuid, $2),
+                   submitted_at = COALESCE(submitted_at, now()),
+                   status = CASE WHEN status_rank < 30 THEN 'submitted' ELSE status END,
+                   status_rank = GREATEST(status_rank, 30),
+                   status_reason = NULL,
+                   updated_at = now()
+               WHERE id = $1"#,
+            id,
+            message_uuid
+        )
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Back to `accepted` after a call that provably created no message, before a retry.
+    pub async fn release_for_retry(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "UPDATE messages SET status = 'accepted', status_rank = 10, status_reason = $2, updated_at = now()
+             WHERE id = $1 AND status = 'sending'",
+            id,
+            reason
+        )
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A terminal outcome decided by the send path (`failed` or `rejected`), with its reason.
+    pub async fn finish(pool: &PgPool, id: Uuid, status: &str, reason: &str) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "UPDATE messages SET status = $2, status_rank = 100, status_reason = $3, terminal_at = now(), updated_at = now()
+             WHERE id = $1 AND status_rank < 100",
+            id,
+            status,
+            reason
+        )
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The outcome cannot be known (the request may have reached Plivo): never resent.
+    pub async fn mark_unknown(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+        sqlx::query!(
+            "UPDATE messages SET status = 'unknown', status_rank = 25, status_reason = $2, updated_at = now()
+             WHERE id = $1 AND status_rank < 25",
+            id,
+            reason
+        )
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+}

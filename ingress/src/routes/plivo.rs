@@ -5,10 +5,8 @@
 //! confirmed the event; anything that cannot be made durable is answered 503 so Plivo retries.
 //! Nothing is parsed into domain types here: every received parameter travels to the worker.
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::headers::json_message;
 use shared::amqp::{PublishError, Stream};
@@ -18,6 +16,7 @@ use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
+use super::read_body;
 use crate::AppState;
 use crate::error::IngressError;
 
@@ -32,7 +31,7 @@ pub async fn inbound_message(State(state): State<AppState>, request: Request) ->
 async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<StatusCode, IngressError> {
     let (parts, body) = request.into_parts();
     let limit = state.body_limit;
-    if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+    if super::content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
         return Err(IngressError::PayloadTooLarge { limit });
     }
     let sig_headers = signature_headers(&parts.headers);
@@ -47,12 +46,12 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
     }
 
     let is_get = parts.method == axum::http::Method::GET;
-    let body_bytes = read_body(body, limit).await?;
+    let body_bytes = read_body(&parts.headers, body, limit).await?;
     let body_params = if is_get || body_bytes.is_empty() {
         Vec::new()
     } else {
         if !is_form(&parts.headers) {
-            return Err(IngressError::UnsupportedMediaType);
+            return Err(IngressError::UnsupportedMediaType { expected: "application/x-www-form-urlencoded" });
         }
         parse_body(&body_bytes).map_err(|e| IngressError::BadRequest(e.to_string()))?
     };
@@ -114,24 +113,12 @@ async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Res
     })
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
 fn is_form(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, IngressError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(IngressError::PayloadTooLarge { limit }),
-        Err(e) => Err(IngressError::BadRequest(format!("cannot read request body: {e}"))),
-    }
 }
 
 /// Header values that are not visible ASCII are kept as `""`, which never matches a signature.

@@ -3,7 +3,7 @@
 pub mod event;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Rerouter, Session};
+use crate::broker::{self, Rerouter, Session, SessionEnd};
 use crate::storage::{self, BatchOutcome};
 
 /// Everything the status pipeline needs.
@@ -29,62 +29,36 @@ pub struct StatusPipeline {
     pub consuming: Arc<AtomicBool>,
 }
 
-enum SessionEnd {
-    Shutdown,
-    Lost { was_consuming: bool, error: anyhow::Error },
-}
-
 impl StatusPipeline {
-    /// Consumes until shutdown. A lost broker connection is rebuilt with backoff; if it cannot
-    /// be rebuilt within `amqp.reconnect_give_up_ms` this returns an error so the process exits
-    /// and the orchestrator restarts it (lapin's own recovery can hang).
-    pub async fn run(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let give_up = Duration::from_millis(self.settings.amqp.reconnect_give_up_ms);
-        let mut down_since = Instant::now();
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.session(&shutdown).await {
-                SessionEnd::Shutdown => return Ok(()),
-                SessionEnd::Lost { was_consuming, error } => {
-                    self.consuming.store(false, Ordering::Relaxed);
-                    if was_consuming {
-                        down_since = Instant::now();
-                        delay = Duration::from_millis(100);
-                    }
-                    if down_since.elapsed() > give_up {
-                        return Err(error.context(format!("RabbitMQ not recovered within {} ms", give_up.as_millis())));
-                    }
-                    tracing::warn!(error = %format!("{error:#}"), "status consumer lost its broker session; reconnecting");
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
+    /// Consumes until shutdown, reconnecting as needed.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let amqp = &self.settings.amqp;
+        broker::consume_with_reconnect(
+            amqp,
+            &self.topology,
+            Stream::Status,
+            amqp.prefetch,
+            &self.consuming,
+            &shutdown,
+            |session| Box::pin(self.clone().consume_batches(session, shutdown.clone())),
+        )
+        .await
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> SessionEnd {
-        let mut session = match Session::open(&self.settings.amqp, &self.topology, Stream::Status).await {
-            Ok(session) => session,
-            Err(error) => return SessionEnd::Lost { was_consuming: false, error },
-        };
-        self.consuming.store(true, Ordering::Relaxed);
-        tracing::info!(queue = %self.topology.queue(Stream::Status), "consuming status events");
+    async fn consume_batches(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
         let batch_size = self.settings.worker.batch_size;
         let batch_wait = Duration::from_millis(self.settings.worker.batch_wait_ms);
-        let end = loop {
+        loop {
             let mut batch: Vec<Delivery> = Vec::with_capacity(batch_size);
             let mut stream_end = None;
             let first = tokio::select! {
-                () = shutdown.cancelled() => break SessionEnd::Shutdown,
+                () = shutdown.cancelled() => return SessionEnd::Shutdown,
                 next = session.consumer.next() => next,
             };
             match first {
                 Some(Ok(delivery)) => batch.push(delivery),
-                Some(Err(e)) => break SessionEnd::Lost { was_consuming: true, error: e.into() },
-                None => break SessionEnd::Lost { was_consuming: true, error: anyhow::anyhow!("consumer cancelled") },
+                Some(Err(e)) => return SessionEnd::Lost(e.into()),
+                None => return SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
             }
             let deadline = Instant::now() + batch_wait;
             while batch.len() < batch_size && stream_end.is_none() {
@@ -100,18 +74,15 @@ impl StatusPipeline {
                 }
             }
             if let Err(error) = self.process(&batch).await {
-                break SessionEnd::Lost { was_consuming: true, error };
+                return SessionEnd::Lost(error);
             }
             if let Some(error) = stream_end {
-                break SessionEnd::Lost { was_consuming: true, error };
+                return SessionEnd::Lost(error);
             }
             if shutdown.is_cancelled() {
-                break SessionEnd::Shutdown;
+                return SessionEnd::Shutdown;
             }
-        };
-        self.consuming.store(false, Ordering::Relaxed);
-        session.close().await;
-        end
+        }
     }
 
     /// Writes a batch and acks it with one multiple-ack. Poison goes to the dead-letter queue,
@@ -145,7 +116,7 @@ impl StatusPipeline {
                         Err(e) if storage::is_transient(&e) => {
                             self.rerouter
                                 .retry_later(Stream::Status, delivery, &format!("database unavailable: {e}"))
-                                .await?
+                                .await?;
                         }
                         Err(e) => {
                             self.rerouter

@@ -1,0 +1,146 @@
+//! The send API: `POST /v1/messages` (and `POST /send-sms`, the Express guide's route, as an
+//! alias). A 202 means the job is durably queued; the worker sends it.
+
+use axum::Json;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use shared::amqp::Stream;
+use shared::amqp::contracts::SendJob;
+use shared::amqp::headers::json_message;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::IngressError;
+
+/// The HTTP body: the send job without `id` (the service assigns it, or derives it from the
+/// `Idempotency-Key` header).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    to: String,
+    text: String,
+    #[serde(default)]
+    from: Option<String>,
+    #[serde(default)]
+    powerpack_uuid: Option<String>,
+    #[serde(default)]
+    message_expiry: Option<u32>,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    callback: Option<String>,
+}
+
+/// One configured API token.
+pub struct ApiToken {
+    pub secret: secrecy::SecretString,
+    /// Scopes idempotency keys to their token.
+    pub fingerprint: String,
+    pub budget: shared::ratelimit::TokenBucket,
+}
+
+impl ApiToken {
+    pub fn new(secret: secrecy::SecretString, rate_per_second: u32, burst: u32) -> Self {
+        use secrecy::ExposeSecret as _;
+        let fingerprint =
+            Sha256::digest(secret.expose_secret().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        Self { secret, fingerprint, budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()) }
+    }
+}
+
+const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_9c2a_5b7d_4e3f_8a10_2c4b_6d8e_0f12);
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+pub async fn create_message(State(state): State<AppState>, request: Request) -> Result<Response, IngressError> {
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+    let token = authenticate(&state, &headers)?;
+    if let Err(wait) = token.budget.try_take() {
+        return Err(IngressError::RateLimited("this token's request rate is exceeded".into(), wait.as_secs().max(1)));
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(IngressError::UnsupportedMediaType { expected: "application/json" });
+    }
+    let body = super::read_body(&headers, body, state.body_limit).await?;
+    let request: SendRequest = serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => IngressError::InvalidField { field: None, message: e.to_string() },
+        _ => IngressError::MalformedJson(e.to_string()),
+    })?;
+    let id = match headers.get("idempotency-key") {
+        None => Uuid::now_v7(),
+        Some(value) => {
+            let key =
+                value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_IDEMPOTENCY_KEY).ok_or_else(|| {
+                    IngressError::BadRequest(format!(
+                        "Idempotency-Key must be 1–{MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+                    ))
+                })?;
+            Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{}:{key}", token.fingerprint).as_bytes())
+        }
+    };
+    let job = SendJob {
+        id,
+        to: request.to,
+        text: request.text,
+        from: request.from,
+        powerpack_uuid: request.powerpack_uuid,
+        message_expiry: request.message_expiry,
+        metadata: request.metadata,
+        callback: request.callback,
+    };
+    let valid = job
+        .validate(&state.default_sender)
+        .map_err(|e| IngressError::InvalidField { field: Some(e.field.to_owned()), message: e.to_string() })?;
+
+    let payload = serde_json::to_vec(&job).map_err(|e| IngressError::BadRequest(format!("cannot encode job: {e}")))?;
+    let properties = json_message(SendJob::SCHEMA, SendJob::VERSION, &id.to_string(), Default::default());
+    state
+        .publisher
+        .publish(Stream::Send.routing_key(), &payload, properties)
+        .await
+        .map_err(|e| IngressError::Unavailable { reason: e.to_string(), retry_after_secs: state.retry_after_secs })?;
+    tracing::info!(message_id = %id, to = %valid.to.masked(), segments = valid.sms.segments, "send job queued");
+
+    let location = format!("/v1/messages/{id}");
+    let body = json!({
+        "id": id,
+        "status": "accepted",
+        "encoding": valid.sms.encoding,
+        "segments": valid.sms.segments,
+        "location": location,
+    });
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
+    use secrecy::ExposeSecret as _;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| IngressError::Unauthorized("missing bearer token (Authorization: Bearer <token>)".into()))?;
+    // Compare against every token, in constant time, so timing reveals nothing.
+    let mut matched = None;
+    for token in state.api_tokens.iter() {
+        if bool::from(token.secret.expose_secret().as_bytes().ct_eq(presented.as_bytes())) {
+            matched = Some(token);
+        }
+    }
+    matched.ok_or_else(|| IngressError::Forbidden("bearer token not accepted".into()))
+}

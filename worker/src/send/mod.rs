@@ -1,0 +1,219 @@
+//! Send jobs → Plivo's Send Message API, at most once per job by default.
+//!
+//! Per job: record it (`accepted`) → opt-out check → wait for the sender's rate → claim it
+//! (`accepted` → `sending`, which only one delivery can do) → call Plivo → record the outcome →
+//! ack. A redelivered job found in `sending` means a worker stopped during the call: the outcome
+//! is unknown, so it is marked `unknown` and not sent again (unless the operator chose
+//! at-least-once).
+
+pub mod plivo;
+pub mod ratelimit;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable as _};
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use shared::amqp::contracts::SendJob;
+use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+use shared::amqp::{Stream, Topology};
+use shared::config::{DeliveryGuarantee, WorkerSettings};
+use shared::domain::send::ValidSend;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use self::plivo::{PlivoClient, SendOutcome};
+use self::ratelimit::SenderRateLimiter;
+use crate::broker::{self, Rerouted, Rerouter, Session, SessionEnd};
+use crate::storage::sending as store;
+
+pub struct SendPipeline {
+    pub settings: WorkerSettings,
+    pub topology: Topology,
+    pub pool: PgPool,
+    pub rerouter: Rerouter,
+    pub plivo: PlivoClient,
+    pub limiter: SenderRateLimiter,
+    pub consuming: Arc<AtomicBool>,
+}
+
+impl SendPipeline {
+    /// Consumes send jobs until shutdown; `sending.concurrency` jobs are in progress at once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let prefetch = self.settings.sending.concurrency;
+        broker::consume_with_reconnect(
+            &self.settings.amqp,
+            &self.topology,
+            Stream::Send,
+            prefetch,
+            &self.consuming,
+            &shutdown,
+            |session| Box::pin(self.clone().consume_jobs(session, shutdown.clone())),
+        )
+        .await
+    }
+
+    async fn consume_jobs(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
+        // The prefetch bounds how many jobs are in progress.
+        let mut in_progress: JoinSet<anyhow::Result<()>> = JoinSet::new();
+        let end = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break SessionEnd::Shutdown,
+                Some(done) = in_progress.join_next() => {
+                    if let Some(error) = task_error(done) {
+                        break SessionEnd::Lost(error);
+                    }
+                }
+                next = session.consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let pipeline = self.clone();
+                        in_progress.spawn(async move { pipeline.process(delivery).await });
+                    }
+                    Some(Err(e)) => break SessionEnd::Lost(e.into()),
+                    None => break SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
+                },
+            }
+        };
+        // Jobs already handed to Plivo finish and record their outcome before we stop.
+        while let Some(done) = in_progress.join_next().await {
+            if let Some(error) = task_error(done) {
+                tracing::warn!(error = %format!("{error:#}"), "send job left unacked; it will be redelivered");
+            }
+        }
+        end
+    }
+
+    /// Processes one job and acks it. An error means it was not acked (the broker redelivers).
+    async fn process(&self, delivery: Delivery) -> anyhow::Result<()> {
+        let job = match parse(&delivery) {
+            Ok(job) => job,
+            Err(reason) => {
+                self.rerouter.dead_letter(Stream::Send, &delivery, &reason).await?;
+                return ack(&delivery).await;
+            }
+        };
+        let valid = match job.validate(&self.settings.plivo.default_sender) {
+            Ok(valid) => valid,
+            Err(e) => {
+                self.rerouter.dead_letter(Stream::Send, &delivery, &format!("invalid send job: {e}")).await?;
+                return ack(&delivery).await;
+            }
+        };
+        let id = valid.id;
+        store::record_job(&self.pool, &valid).await?;
+
+        if store::is_opted_out(&self.pool, valid.to.as_str(), valid.sender.as_str()).await? {
+            store::finish(&self.pool, id, "rejected", "opted_out").await?;
+            tracing::info!(message_id = %id, to = %valid.to.masked(), "recipient opted out; not sent");
+            return ack(&delivery).await;
+        }
+
+        self.limiter.acquire(valid.sender.as_str()).await;
+        if store::claim(&self.pool, id).await?.is_none() {
+            return self.not_claimed(&delivery, &valid).await;
+        }
+        let outcome = self.call_plivo(&valid).await;
+        self.record(&delivery, &valid, outcome).await
+    }
+
+    /// The job's row was not `accepted`: a duplicate, or a redelivery after a crash.
+    async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> anyhow::Result<()> {
+        let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
+        if status == "sending" && delivery.redelivered {
+            match self.settings.sending.delivery {
+                DeliveryGuarantee::AtMostOnce => {
+                    let reason = "a worker stopped during the Plivo call; not resent (at-most-once)";
+                    store::mark_unknown(&self.pool, valid.id, reason).await?;
+                    tracing::warn!(message_id = %valid.id, "send outcome unknown: {reason}");
+                }
+                DeliveryGuarantee::AtLeastOnce => {
+                    store::release_for_retry(&self.pool, valid.id, "resending after an interrupted call").await?;
+                    self.rerouter.retry_later(Stream::Send, delivery, "interrupted call; at-least-once").await?;
+                }
+            }
+        } else {
+            tracing::info!(message_id = %valid.id, status, "duplicate send job; not sent again");
+        }
+        ack(delivery).await
+    }
+
+    /// Calls Plivo, retrying in-process only what provably created no message.
+    async fn call_plivo(&self, valid: &ValidSend) -> SendOutcome {
+        let first_call = std::sync::atomic::AtomicBool::new(true);
+        let attempt = || async {
+            // The first call's rate token was taken before the claim; retries take their own.
+            if !first_call.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                self.limiter.acquire(valid.sender.as_str()).await;
+            }
+            match self.plivo.send(valid).await {
+                SendOutcome::NotSent { reason } => Err(reason),
+                other => Ok(other),
+            }
+        };
+        let retried = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(self.settings.sending.in_process_retries)
+                    .with_jitter(),
+            )
+            .notify(
+                |reason, wait| tracing::info!(message_id = %valid.id, reason, ?wait, "Plivo call not made; retrying"),
+            )
+            .await;
+        retried.unwrap_or_else(|reason| SendOutcome::NotSent { reason })
+    }
+
+    /// Writes the outcome, then acks. Nothing is acked before its outcome is committed.
+    async fn record(&self, delivery: &Delivery, valid: &ValidSend, outcome: SendOutcome) -> anyhow::Result<()> {
+        let id = valid.id;
+        match outcome {
+            SendOutcome::Accepted { message_uuid } => {
+                store::mark_submitted(&self.pool, id, message_uuid.as_deref()).await?;
+                tracing::info!(message_id = %id, message_uuid = message_uuid.as_deref().unwrap_or(""), "submitted to Plivo");
+            }
+            SendOutcome::Refused { status, error } => {
+                store::finish(&self.pool, id, "failed", &format!("Plivo refused the message ({status}): {error}"))
+                    .await?;
+                tracing::warn!(message_id = %id, status, "Plivo refused the message");
+            }
+            SendOutcome::Unknown { reason } if self.settings.sending.delivery == DeliveryGuarantee::AtMostOnce => {
+                store::mark_unknown(&self.pool, id, &reason).await?;
+                tracing::warn!(message_id = %id, reason, "send outcome unknown; not resent (at-most-once)");
+            }
+            SendOutcome::NotSent { reason } | SendOutcome::Unknown { reason } => {
+                store::release_for_retry(&self.pool, id, &reason).await?;
+                if self.rerouter.retry_later(Stream::Send, delivery, &reason).await? == Rerouted::DeadLettered {
+                    store::finish(&self.pool, id, "failed", &format!("gave up: {reason}")).await?;
+                }
+            }
+        }
+        ack(delivery).await
+    }
+}
+
+fn parse(delivery: &Delivery) -> Result<SendJob, String> {
+    let version = get_int(delivery.properties.headers().as_ref(), SCHEMA_VERSION_HEADER);
+    if version.is_some_and(|v| v != i64::from(SendJob::VERSION)) {
+        return Err(format!("unsupported send job version {version:?} (expected {})", SendJob::VERSION));
+    }
+    serde_json::from_slice::<SendJob>(&delivery.data).map_err(|e| format!("not a valid send job: {e}"))
+}
+
+async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+fn task_error(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(anyhow::anyhow!("send task failed: {e}")),
+    }
+}

@@ -1,0 +1,128 @@
+//! Plivo's Send Message API (PROTOCOL.md §4). Plivo has no idempotency key, so every outcome
+//! is classified by whether a message may have been created.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde_json::json;
+use shared::config::{HttpSettings, PlivoSettings, SendingSettings};
+use shared::domain::send::{Sender, ValidSend};
+
+/// What one call to Plivo means for the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Plivo queued the message.
+    Accepted { message_uuid: Option<String> },
+    /// Plivo refused it for good (400/401/403/404/422 …): sending again fails the same way.
+    Refused { status: u16, error: String },
+    /// Provably no message was created (connect error, 429, a configured 5xx): safe to retry.
+    NotSent { reason: String },
+    /// The request may have reached Plivo but the answer was lost: a retry could duplicate it.
+    Unknown { reason: String },
+}
+
+#[derive(Clone)]
+pub struct PlivoClient {
+    http: reqwest::Client,
+    endpoint: String,
+    auth_id: String,
+    auth_token: SecretString,
+    callback_base: String,
+    retry_statuses: Vec<u16>,
+}
+
+impl PlivoClient {
+    pub fn new(plivo: &PlivoSettings, http: &HttpSettings, sending: &SendingSettings) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(plivo.connect_timeout_ms))
+            .timeout(Duration::from_millis(plivo.request_timeout_ms))
+            .user_agent(concat!("smsflow/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http: client,
+            endpoint: format!("{}/v1/Account/{}/Message/", plivo.api_base_url, plivo.auth_id),
+            auth_id: plivo.auth_id.clone(),
+            auth_token: plivo.auth_token.clone(),
+            callback_base: format!("{}/plivo/callback", http.public_base_url),
+            retry_statuses: sending.retry_statuses.clone(),
+        })
+    }
+
+    /// The callback URL carries our id, so every callback correlates to our row and the `ref`
+    /// is covered by Plivo's signature.
+    pub fn callback_url(&self, job: &ValidSend) -> String {
+        format!("{}?ref={}", self.callback_base, job.id)
+    }
+
+    pub async fn send(&self, job: &ValidSend) -> SendOutcome {
+        let mut body = json!({
+            "dst": job.to.plivo_digits(),
+            "text": job.text,
+            "url": self.callback_url(job),
+            "method": "POST",
+        });
+        match &job.sender {
+            Sender::Powerpack(uuid) => body["powerpack_uuid"] = uuid.as_str().into(),
+            Sender::Number(number) => body["src"] = number.plivo_digits().into(),
+            Sender::ShortCode(s) | Sender::Alphanumeric(s) => body["src"] = s.as_str().into(),
+        }
+        if let Some(expiry) = job.message_expiry {
+            body["message_expiry"] = expiry.into();
+        }
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .basic_auth(&self.auth_id, Some(self.auth_token.expose_secret()))
+            .json(&body)
+            .send()
+            .await;
+        let response = match response {
+            Ok(response) => response,
+            // Connect errors (including connect timeouts) never wrote the request.
+            Err(e) if e.is_connect() => {
+                return SendOutcome::NotSent { reason: format!("cannot connect to Plivo: {e}") };
+            }
+            Err(e) => return SendOutcome::Unknown { reason: format!("no answer from Plivo: {}", without_url(&e)) },
+        };
+        let status = response.status().as_u16();
+        let text = match response.text().await {
+            Ok(text) => text,
+            Err(e) if (200..300).contains(&status) => {
+                tracing::warn!(error = %without_url(&e), "Plivo accepted the message but its answer was cut");
+                return SendOutcome::Accepted { message_uuid: None };
+            }
+            Err(_) => String::new(),
+        };
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        match status {
+            200..=299 => SendOutcome::Accepted {
+                message_uuid: json["message_uuid"].get(0).and_then(|v| v.as_str()).map(str::to_owned),
+            },
+            code if self.retry_statuses.contains(&code) => {
+                SendOutcome::NotSent { reason: format!("Plivo answered {code}: {}", error_text(&json, &text)) }
+            }
+            400..=499 => SendOutcome::Refused { status, error: error_text(&json, &text) },
+            code => SendOutcome::Unknown { reason: format!("Plivo answered {code}: {}", error_text(&json, &text)) },
+        }
+    }
+}
+
+/// Plivo's `error` is usually a string, possibly an object; keep it short and printable.
+fn error_text(json: &serde_json::Value, raw: &str) -> String {
+    let text = match &json["error"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => raw.to_owned(),
+        other => other.to_string(),
+    };
+    let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
+    if text.is_empty() { "no error text".into() } else { text }
+}
+
+/// reqwest errors print the URL, which carries the account id; keep it out of logs and rows.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut e = e.to_string();
+    if let Some(i) = e.find(" for url (") {
+        e.truncate(i);
+    }
+    e
+}
