@@ -218,7 +218,9 @@ pub mod sending {
     pub async fn mark_submitted(pool: &PgPool, id: Uuid, message_uuid: Option<&str>) -> Result<(), sqlx::Error> {
         sqlx::query!(
             r#"UPDATE messages SET
-                   message_uuid = COALESCE(message_uuid, $2),
+                   -- A MessageUUID already on another row (Plivo never reuses one) is not copied.
+                   message_uuid = COALESCE(message_uuid,
+                       CASE WHEN EXISTS (SELECT 1 FROM messages o WHERE o.message_uuid = $2) THEN NULL ELSE $2 END),
                    submitted_at = COALESCE(submitted_at, now()),
                    status = CASE WHEN status_rank < 30 THEN 'submitted' ELSE status END,
                    status_rank = GREATEST(status_rank, 30),

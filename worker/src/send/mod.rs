@@ -71,7 +71,7 @@ impl SendPipeline {
                 next = session.consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let pipeline = self.clone();
-                        in_progress.spawn(async move { pipeline.process(delivery).await });
+                        in_progress.spawn(async move { pipeline.handle(delivery).await });
                     }
                     Some(Err(e)) => break SessionEnd::Lost(e.into()),
                     None => break SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
@@ -87,20 +87,38 @@ impl SendPipeline {
         end
     }
 
-    /// Processes one job and acks it. An error means it was not acked (the broker redelivers).
-    async fn process(&self, delivery: Delivery) -> anyhow::Result<()> {
-        let job = match parse(&delivery) {
+    /// Processes one job. Database trouble stays with this job: a transient failure sends it
+    /// through the retry ladder, a refusal dead-letters it. Only broker errors (the job could not
+    /// be acked or rerouted) end the session, and the broker then redelivers.
+    async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
+        let error = match self.process(&delivery).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let Some(db_error) = error.downcast_ref::<sqlx::Error>() else { return Err(error) };
+        let reason = format!("database: {db_error}");
+        if crate::storage::is_transient(db_error) {
+            self.rerouter.retry_later(Stream::Send, &delivery, &reason).await?;
+        } else {
+            self.rerouter.dead_letter(Stream::Send, &delivery, &reason).await?;
+        }
+        ack(&delivery).await
+    }
+
+    /// Processes one job and acks it. An error means it was not acked.
+    async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        let job = match parse(delivery) {
             Ok(job) => job,
             Err(reason) => {
-                self.rerouter.dead_letter(Stream::Send, &delivery, &reason).await?;
-                return ack(&delivery).await;
+                self.rerouter.dead_letter(Stream::Send, delivery, &reason).await?;
+                return ack(delivery).await;
             }
         };
         let valid = match job.validate(&self.settings.plivo.default_sender) {
             Ok(valid) => valid,
             Err(e) => {
-                self.rerouter.dead_letter(Stream::Send, &delivery, &format!("invalid send job: {e}")).await?;
-                return ack(&delivery).await;
+                self.rerouter.dead_letter(Stream::Send, delivery, &format!("invalid send job: {e}")).await?;
+                return ack(delivery).await;
             }
         };
         let id = valid.id;
@@ -109,21 +127,25 @@ impl SendPipeline {
         if store::is_opted_out(&self.pool, valid.to.as_str(), valid.sender.as_str()).await? {
             store::finish(&self.pool, id, "rejected", "opted_out").await?;
             tracing::info!(message_id = %id, to = %valid.to.masked(), "recipient opted out; not sent");
-            return ack(&delivery).await;
+            return ack(delivery).await;
         }
 
         self.limiter.acquire(valid.sender.as_str()).await;
         if store::claim(&self.pool, id).await?.is_none() {
-            return self.not_claimed(&delivery, &valid).await;
+            return self.not_claimed(delivery, &valid).await;
         }
         let outcome = self.call_plivo(&valid).await;
-        self.record(&delivery, &valid, outcome).await
+        self.record(delivery, &valid, outcome).await
     }
 
-    /// The job's row was not `accepted`: a duplicate, or a redelivery after a crash.
+    /// The job's row was not `accepted`: a duplicate, or this very delivery again after an
+    /// interrupted attempt (redelivered by the broker, or back from the retry ladder).
     async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> anyhow::Result<()> {
         let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
-        if status == "sending" && delivery.redelivered {
+        let seen_before = delivery.redelivered
+            || get_int(delivery.properties.headers().as_ref(), shared::amqp::topology::RETRY_COUNT_HEADER).unwrap_or(0)
+                > 0;
+        if status == "sending" && seen_before {
             match self.settings.sending.delivery {
                 DeliveryGuarantee::AtMostOnce => {
                     let reason = "a worker stopped during the Plivo call; not resent (at-most-once)";

@@ -1,5 +1,5 @@
-//! The worker binary killed with SIGKILL mid-batch and restarted: the final state equals a
-//! clean run. Then SIGTERM: a graceful exit 0.
+//! The worker binary killed with SIGKILL — mid-batch, and during a Plivo call — and restarted:
+//! the final state equals a clean run, and no job is sent twice. Then SIGTERM: exit 0.
 
 use std::time::Duration;
 
@@ -7,12 +7,18 @@ use shared::testing::TestBroker;
 use sqlx::PgPool;
 
 use crate::helpers::{
-    assert_stories, count_events, publish_events, publisher_for, settings_for, story, wait_for_events,
+    TEST_AUTH_ID, assert_stories, count_events, fake_plivo, publish_events, publish_job, publisher_for, send_job,
+    settings_for, start_worker_on, story, wait_for_events, wait_for_status,
 };
 use crate::infra::database_url;
 
 fn spawn_worker(broker: &TestBroker, database_url: &str) -> tokio::process::Child {
+    spawn_worker_with(broker, database_url, &[])
+}
+
+fn spawn_worker_with(broker: &TestBroker, database_url: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow-worker"))
+        .envs(extra.iter().copied())
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", "test-token")
         .env("SMSFLOW_DATABASE__URL", database_url)
         .env("SMSFLOW_AMQP__URL", shared::testing::amqp_url())
@@ -61,4 +67,47 @@ async fn sigkill_mid_batch_then_restart_ends_like_a_clean_run(pool: PgPool) {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let status = tokio::time::timeout(Duration::from_secs(20), second.wait()).await.expect("exits").unwrap();
     assert_eq!(status.code(), Some(0), "graceful exit on SIGTERM");
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_worker_killed_during_the_plivo_call_never_calls_plivo_again_for_that_job(pool: PgPool) {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let plivo = MockServer::start().await;
+    let answer = serde_json::json!({"api_id": "a", "message": "queued", "message_uuid": ["killed-uuid"]});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(202).set_body_json(answer).set_delay(Duration::from_secs(10)))
+        .mount(&plivo)
+        .await;
+    let broker = TestBroker::new().await;
+    let settings = settings_for(&broker);
+    let (publisher, _publisher_shutdown) = publisher_for(&settings).await;
+    let job = send_job("killed mid-call");
+    publish_job(&publisher, &job).await;
+
+    let plivo_url = plivo.uri();
+    let mut first = spawn_worker_with(
+        &broker,
+        &database_url(&pool),
+        &[
+            ("SMSFLOW_PLIVO__API_BASE_URL", plivo_url.as_str()),
+            ("SMSFLOW_PLIVO__AUTH_ID", TEST_AUTH_ID),
+            ("SMSFLOW_PLIVO__REQUEST_TIMEOUT_MS", "30000"),
+        ],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while plivo.received_requests().await.unwrap_or_default().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the worker never called Plivo");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.start_kill().unwrap(); // SIGKILL while Plivo has the request and we have no answer
+    first.wait().await.unwrap();
+
+    let restarted = start_worker_on(broker, pool.clone(), |s| fake_plivo(s, &plivo_url)).await;
+    let (_, reason) = wait_for_status(&pool, job.id, "unknown").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    assert!(reason.unwrap_or_default().contains("not resent"));
+    assert_eq!(plivo.received_requests().await.unwrap().len(), 1, "Plivo was called exactly once");
+    restarted.stop().await.unwrap();
 }

@@ -62,7 +62,18 @@ pub async fn start_worker(pool: &PgPool, adjust: impl FnOnce(&mut WorkerSettings
     start_worker_on(TestBroker::new().await, pool.clone(), adjust).await
 }
 
+/// Worker logs in test output when TEST_LOG is set (e.g. TEST_LOG=debug).
+fn init_test_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        }
+    });
+}
+
 pub async fn start_worker_on(broker: TestBroker, pool: PgPool, adjust: impl FnOnce(&mut WorkerSettings)) -> TestWorker {
+    init_test_logs();
     let mut settings = settings_for(&broker);
     adjust(&mut settings);
     let (publisher, publisher_shutdown) = publisher_for(&settings).await;
@@ -177,4 +188,60 @@ pub async fn assert_stories(pool: &PgPool, messages: usize) {
         assert_eq!(row.status, last, "{}", row.message_uuid);
         assert_eq!(row.error_code, (last == "undelivered").then_some(30), "{}", row.message_uuid);
     }
+}
+
+pub const TEST_AUTH_ID: &str = "MATESTACCOUNT000000001";
+
+/// A valid send job to a US number.
+pub fn send_job(text: &str) -> shared::amqp::contracts::SendJob {
+    shared::amqp::contracts::SendJob {
+        id: Uuid::now_v7(),
+        to: "+14155552671".into(),
+        text: text.into(),
+        from: Some("+14155550100".into()),
+        powerpack_uuid: None,
+        message_expiry: None,
+        metadata: Some(serde_json::json!({"order": 42}).as_object().unwrap().clone()),
+        callback: None,
+    }
+}
+
+pub async fn publish_job(publisher: &Publisher, job: &shared::amqp::contracts::SendJob) {
+    use shared::amqp::contracts::SendJob;
+    let properties = json_message(SendJob::SCHEMA, SendJob::VERSION, &job.id.to_string(), Default::default());
+    publisher
+        .publish(Stream::Send.routing_key(), &serde_json::to_vec(job).unwrap(), properties)
+        .await
+        .expect("job publish confirmed");
+}
+
+/// Points the worker at a fake Plivo and makes retries quick.
+pub fn fake_plivo(settings: &mut WorkerSettings, base_url: &str) {
+    settings.plivo.api_base_url = base_url.to_owned();
+    settings.plivo.auth_id = TEST_AUTH_ID.into();
+    settings.plivo.request_timeout_ms = 2000;
+    settings.sending.sender_rate_per_second = 1000.0;
+    settings.sending.sender_burst = 1000;
+}
+
+pub fn message_path() -> String {
+    format!("/v1/Account/{TEST_AUTH_ID}/Message/")
+}
+
+/// Polls a message's status until it is `expected`; panics after 20 s.
+pub async fn wait_for_status(pool: &PgPool, id: Uuid, expected: &str) -> (String, Option<String>) {
+    for _ in 0..200 {
+        let row = sqlx::query!("SELECT status, status_reason FROM messages WHERE id = $1", id)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            if row.status == expected {
+                return (row.status, row.status_reason);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = sqlx::query_scalar!("SELECT status FROM messages WHERE id = $1", id).fetch_optional(pool).await.unwrap();
+    panic!("message {id} did not reach {expected} (now {now:?})");
 }

@@ -6,4 +6,5 @@ mod helpers;
 mod infra;
 mod outage;
 mod poison;
+mod send;
 mod status;
