@@ -235,10 +235,10 @@ pub async fn wait_for_status(pool: &PgPool, id: Uuid, expected: &str) -> (String
             .fetch_optional(pool)
             .await
             .unwrap();
-        if let Some(row) = row {
-            if row.status == expected {
-                return (row.status, row.status_reason);
-            }
+        if let Some(row) = row
+            && row.status == expected
+        {
+            return (row.status, row.status_reason);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
