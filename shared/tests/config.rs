@@ -187,3 +187,34 @@ fn the_readme_documents_every_configuration_key() {
     let missing: Vec<_> = keys.iter().filter(|k| !readme.contains(&format!("| `{k}` |"))).collect();
     assert!(missing.is_empty(), "README configuration table lacks {missing:?}");
 }
+
+/// The published JSON Schema of the send job names exactly the fields the code reads.
+#[test]
+fn the_send_job_schema_matches_the_contract() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/schemas/send-job.v1.json")).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let job = shared::amqp::contracts::SendJob {
+        id: uuid::Uuid::now_v7(),
+        to: "+14155552671".into(),
+        text: "t".into(),
+        from: Some("+14155550100".into()),
+        powerpack_uuid: Some("p".into()),
+        message_expiry: Some(60),
+        metadata: Some(Default::default()),
+        callback: Some("https://example.com/cb".into()),
+    };
+    let serialized = serde_json::to_value(&job).unwrap();
+    let mut fields: Vec<&String> = serialized.as_object().unwrap().keys().collect();
+    let mut documented: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
+    fields.sort();
+    documented.sort();
+    assert_eq!(fields, documented);
+    assert_eq!(schema["required"], serde_json::json!(["id", "to", "text"]));
+    assert_eq!(schema["additionalProperties"], false);
+    assert_eq!(
+        (shared::amqp::contracts::SendJob::SCHEMA, shared::amqp::contracts::SendJob::VERSION),
+        ("smsflow.send-job", 1),
+        "the schema file is version 1"
+    );
+}

@@ -5,4 +5,5 @@ mod callbacks;
 mod cli;
 mod helpers;
 mod outage;
+mod send;
 mod shutdown;
