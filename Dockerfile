@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
 # One image for every smsflow process: smsflow-ingress, smsflow-worker (run, migrate,
-# replay-dead-letters). Queries compile from the committed .sqlx/ data: no database needed.
+# replay-dead-letters) and the Plivo simulator smsflow-plivo-sim. Queries compile from the
+# committed .sqlx/ data: no database needed.
 
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
@@ -11,7 +12,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
  && mkdir -p /out \
- && cp target/release/smsflow-ingress target/release/smsflow-worker /out/
+ && cp target/release/smsflow-ingress target/release/smsflow-worker target/release/smsflow-plivo-sim /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \

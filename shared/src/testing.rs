@@ -197,16 +197,4 @@ pub fn amqp_address() -> std::net::SocketAddr {
         .expect("RabbitMQ address resolves")
 }
 
-/// Form-encodes pairs the way Plivo does (`+` for spaces, `%XX` for the rest).
-pub fn form_encode(pairs: &[(String, String)]) -> String {
-    fn encode(s: &str) -> String {
-        s.bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => (b as char).to_string(),
-                b' ' => "+".to_string(),
-                _ => format!("%{b:02X}"),
-            })
-            .collect()
-    }
-    pairs.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect::<Vec<_>>().join("&")
-}
+pub use crate::plivo::form::encode_pairs as form_encode;

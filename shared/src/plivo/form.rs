@@ -59,6 +59,30 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
     parse_pairs(text)
 }
 
+/// Form-encodes pairs the way Plivo does (`+` for spaces, `%XX` for everything but
+/// `A–Z a–z 0–9 - _ . *`).
+pub fn encode_pairs(pairs: &[(String, String)]) -> String {
+    fn encode(s: &str, out: &mut String) {
+        for b in s.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => out.push(b as char),
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        encode(k, &mut out);
+        out.push('=');
+        encode(v, &mut out);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +99,15 @@ mod tests {
     fn rejects_percent_encoded_bytes_that_are_not_utf8() {
         assert!(matches!(decode_component("%FF%FE"), Err(FormError::NotUtf8(_))));
         assert!(parse_body(b"a=\xff").is_err());
+    }
+
+    #[test]
+    fn encoding_round_trips_through_decoding() {
+        let pairs: Vec<(String, String)> = [("a b", "c&d=e+f%"), ("Text", "Grüße 😀"), ("e", "")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(parse_pairs(&encode_pairs(&pairs)).unwrap(), pairs);
     }
 
     #[test]

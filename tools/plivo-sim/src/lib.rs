@@ -1,0 +1,470 @@
+//! A Plivo simulator, so nobody needs a Plivo account, a public URL or a tunnel to see smsflow
+//! work, test it, or load it.
+//!
+//! It serves the part of Plivo's API the worker uses (`POST /v1/Account/{auth_id}/Message/`)
+//! with Plivo's checks and answers, and for every accepted message plays a delivery story on the
+//! message's `url`: form-encoded callbacks with Plivo's fields, each signed with V3 and a fresh
+//! nonce, with Plivo's retry schedule when the target does not answer 2xx in time. It records
+//! the ground truth and serves it (`GET /_sim/messages`, `GET /_sim/stats`) so tests and the
+//! load tool can compare.
+#![forbid(unsafe_code)]
+
+pub mod story;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use shared::plivo::signature::{SignedRequest, sign_v3};
+use shared::ratelimit::TokenBucket;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::story::{Story, StoryWeights};
+
+/// How the simulator behaves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimConfig {
+    /// The Auth ID requests must use (path and basic-auth user).
+    #[arg(long, env = "PLIVO_SIM_AUTH_ID", default_value = "MASIMULATOR000000001")]
+    pub auth_id: String,
+    /// The Auth Token: checks basic auth and signs callbacks (V3).
+    #[arg(long, env = "PLIVO_SIM_AUTH_TOKEN")]
+    pub auth_token: String,
+    /// Send Message requests allowed per second before answering 429.
+    #[arg(long, env = "PLIVO_SIM_RATE_LIMIT", default_value_t = 60.0)]
+    pub rate_limit: f64,
+    #[command(flatten)]
+    pub weights: StoryWeights,
+    /// Delay before each callback of a story (ms, before time scaling).
+    #[arg(long, env = "PLIVO_SIM_LATENCY_MS", default_value_t = 500)]
+    pub latency_ms: u64,
+    /// Share of callbacks delivered twice (as Plivo retries would).
+    #[arg(long, env = "PLIVO_SIM_DUPLICATE_SHARE", default_value_t = 0.05)]
+    pub duplicate_share: f64,
+    /// Share of stories whose callbacks arrive out of order.
+    #[arg(long, env = "PLIVO_SIM_OUT_OF_ORDER_SHARE", default_value_t = 0.05)]
+    pub out_of_order_share: f64,
+    /// Multiplies every delay (latency, Plivo's 60/120/240 s retry schedule, the 8 s answer
+    /// timeout): 0.01 plays a 7-minute retry schedule in 4 s.
+    #[arg(long, env = "PLIVO_SIM_TIME_SCALE", default_value_t = 1.0)]
+    pub time_scale: f64,
+}
+
+impl SimConfig {
+    fn scaled(&self, ms: u64) -> Duration {
+        Duration::from_secs_f64(ms as f64 * self.time_scale / 1000.0)
+    }
+
+    /// Plivo gives up on an answer after 8 s; scaled, but never below one second so a busy
+    /// target is not mistaken for a dead one.
+    fn answer_timeout(&self) -> Duration {
+        self.scaled(8000).max(Duration::from_secs(1))
+    }
+}
+
+/// Plivo's retry schedule for callbacks: after 60, 120 and 240 s (PROTOCOL.md §2.4).
+const RETRY_SCHEDULE_MS: [u64; 3] = [60_000, 120_000, 240_000];
+
+/// One attempt to deliver a callback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attempt {
+    /// The HTTP status the target answered, or `None` when it did not answer in time.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// A callback the simulator sent (or tried to).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CallbackRecord {
+    pub sequence: u32,
+    pub status: String,
+    pub error_code: Option<u32>,
+    /// A second delivery of an earlier callback (same fields, new nonce).
+    pub duplicate: bool,
+    pub attempts: Vec<Attempt>,
+    pub acknowledged: bool,
+}
+
+/// The ground truth of one message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SimMessage {
+    pub message_uuid: String,
+    pub src: String,
+    pub dst: String,
+    pub url: String,
+    pub method: String,
+    pub story: String,
+    pub final_status: String,
+    pub error_code: Option<u32>,
+    pub callbacks: Vec<CallbackRecord>,
+    pub finished: bool,
+    /// Sent by "another system": no Send Message request preceded it.
+    pub external: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub send_requests: u64,
+    pub messages_accepted: u64,
+    pub refused_unauthorized: u64,
+    pub refused_invalid: u64,
+    pub refused_rate_limited: u64,
+    pub callback_attempts: u64,
+    pub callbacks_acknowledged: u64,
+    pub callbacks_given_up: u64,
+    pub stories_pending: u64,
+    pub stories_finished: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    send_requests: AtomicU64,
+    accepted: AtomicU64,
+    unauthorized: AtomicU64,
+    invalid: AtomicU64,
+    rate_limited: AtomicU64,
+    callback_attempts: AtomicU64,
+    acknowledged: AtomicU64,
+    given_up: AtomicU64,
+}
+
+struct Sim {
+    config: SimConfig,
+    http: reqwest::Client,
+    limiter: TokenBucket,
+    messages: Mutex<HashMap<String, SimMessage>>,
+    counters: Counters,
+    shutdown: CancellationToken,
+}
+
+type Shared = Arc<Sim>;
+
+/// The simulator's routes.
+fn router(sim: Shared) -> Router {
+    Router::new()
+        .route("/v1/Account/{auth_id}/Message/", post(send_message))
+        .route("/v1/Account/{auth_id}/Message", post(send_message))
+        .route("/_sim/messages", get(list_messages))
+        .route("/_sim/messages/{uuid}", get(one_message))
+        .route("/_sim/stats", get(stats))
+        .route("/_sim/external", post(external_story))
+        .route("/_sim/inbound", post(inbound))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(sim)
+}
+
+/// Serves until `shutdown`; stories in progress stop with it.
+pub async fn run(config: SimConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(config.answer_timeout()).build()?;
+    let limiter = TokenBucket::new(config.rate_limit, config.rate_limit.max(1.0));
+    let sim = Arc::new(Sim {
+        config,
+        http,
+        limiter,
+        messages: Mutex::new(HashMap::new()),
+        counters: Counters::default(),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(address = %listener.local_addr()?, "Plivo simulator listening");
+    axum::serve(listener, router(sim).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn plivo_error(status: StatusCode, error: &str) -> Response {
+    (status, Json(json!({ "api_id": uuid::Uuid::new_v4(), "error": error }))).into_response()
+}
+
+fn authorized(sim: &Sim, path_auth_id: &str, headers: &HeaderMap) -> bool {
+    let Some(encoded) =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Basic "))
+    else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else { return false };
+    let expected = format!("{}:{}", sim.config.auth_id, sim.config.auth_token);
+    path_auth_id == sim.config.auth_id && decoded == expected.as_bytes()
+}
+
+async fn send_message(
+    State(sim): State<Shared>,
+    Path(auth_id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    sim.counters.send_requests.fetch_add(1, Ordering::Relaxed);
+    if !authorized(&sim, &auth_id, &headers) {
+        sim.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return plivo_error(StatusCode::UNAUTHORIZED, "Authentication credentials invalid");
+    }
+    if sim.limiter.try_take().is_err() {
+        sim.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+        return plivo_error(StatusCode::TOO_MANY_REQUESTS, "too many requests");
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        sim.counters.invalid.fetch_add(1, Ordering::Relaxed);
+        return plivo_error(StatusCode::BAD_REQUEST, "invalid JSON body");
+    };
+    let field = |name: &str| request.get(name).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
+    let (src, powerpack) = (field("src"), field("powerpack_uuid"));
+    let missing = if src.is_none() && powerpack.is_none() {
+        Some("src parameter is required (or powerpack_uuid)")
+    } else if src.is_some() && powerpack.is_some() {
+        Some("both src and powerpack_uuid cannot be specified")
+    } else if field("dst").is_none() {
+        Some("dst parameter is required")
+    } else if field("text").is_none() {
+        Some("text parameter is required")
+    } else {
+        None
+    };
+    if let Some(error) = missing {
+        sim.counters.invalid.fetch_add(1, Ordering::Relaxed);
+        return plivo_error(StatusCode::BAD_REQUEST, error);
+    }
+    let src = src.or(powerpack).unwrap_or_default().to_owned();
+    let url = field("url").map(str::to_owned);
+    let method = field("method").unwrap_or("POST").to_ascii_uppercase();
+    let mut uuids = Vec::new();
+    for dst in field("dst").unwrap_or_default().split('<').map(str::trim).filter(|d| !d.is_empty()) {
+        let message_uuid = uuid::Uuid::new_v4().to_string();
+        let story = Story::choose(&sim.config.weights);
+        uuids.push(message_uuid.clone());
+        sim.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        if let Some(url) = &url {
+            start_story(&sim, message_uuid, src.clone(), dst.to_owned(), url.clone(), method.clone(), story, false);
+        }
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "api_id": uuid::Uuid::new_v4(), "message": "message(s) queued", "message_uuid": uuids })),
+    )
+        .into_response()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_story(
+    sim: &Shared,
+    message_uuid: String,
+    src: String,
+    dst: String,
+    url: String,
+    method: String,
+    story: Story,
+    external: bool,
+) {
+    let record = SimMessage {
+        message_uuid: message_uuid.clone(),
+        src,
+        dst,
+        url,
+        method,
+        story: story.name().to_owned(),
+        final_status: story.final_status().to_owned(),
+        error_code: story.error_code(),
+        callbacks: Vec::new(),
+        finished: false,
+        external,
+    };
+    sim.messages.lock().unwrap_or_else(|e| e.into_inner()).insert(message_uuid.clone(), record);
+    let sim = sim.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = play(&sim, &message_uuid, story) => {}
+            () = sim.shutdown.cancelled() => {}
+        }
+    });
+}
+
+/// Sends every callback of the story, with duplicates and disorder as configured.
+async fn play(sim: &Shared, message_uuid: &str, story: Story) {
+    let message = sim.messages.lock().unwrap_or_else(|e| e.into_inner())[message_uuid].clone();
+    let callbacks = story.callbacks(rand::random::<f64>() < sim.config.out_of_order_share);
+    for callback in callbacks {
+        tokio::time::sleep(sim.config.scaled(sim.config.latency_ms)).await;
+        let params = callback.params(&message);
+        deliver(sim, message_uuid, &message, &callback, &params, false).await;
+        if rand::random::<f64>() < sim.config.duplicate_share {
+            deliver(sim, message_uuid, &message, &callback, &params, true).await;
+        }
+    }
+    if let Some(m) = sim.messages.lock().unwrap_or_else(|e| e.into_inner()).get_mut(message_uuid) {
+        m.finished = true;
+    }
+}
+
+/// One callback with Plivo's retry schedule: retried after 60, 120 and 240 s (scaled) when the
+/// target does not answer 2xx within 8 s (scaled).
+async fn deliver(
+    sim: &Shared,
+    message_uuid: &str,
+    message: &SimMessage,
+    callback: &story::Callback,
+    params: &[(String, String)],
+    duplicate: bool,
+) {
+    let mut record = CallbackRecord {
+        sequence: callback.sequence,
+        status: callback.status.to_owned(),
+        error_code: callback.error_code,
+        duplicate,
+        attempts: Vec::new(),
+        acknowledged: false,
+    };
+    for delay in std::iter::once(0).chain(RETRY_SCHEDULE_MS) {
+        tokio::time::sleep(sim.config.scaled(delay)).await;
+        sim.counters.callback_attempts.fetch_add(1, Ordering::Relaxed);
+        let attempt = send_signed(sim, &message.method, &message.url, params).await;
+        let ok = attempt.status.is_some_and(|s| (200..300).contains(&s));
+        record.attempts.push(attempt);
+        if ok {
+            record.acknowledged = true;
+            sim.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+    if !record.acknowledged {
+        sim.counters.given_up.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(m) = sim.messages.lock().unwrap_or_else(|e| e.into_inner()).get_mut(message_uuid) {
+        m.callbacks.push(record);
+    }
+}
+
+/// A form POST (or GET with query) signed exactly as Plivo signs: V3 over the URL, the sorted
+/// parameters and a fresh 20-digit nonce.
+async fn send_signed(sim: &Sim, method: &str, url: &str, params: &[(String, String)]) -> Attempt {
+    let nonce: String = (0..20).map(|_| char::from(b'0' + rand::random_range(0..10u8))).collect();
+    let is_get = method.eq_ignore_ascii_case("GET");
+    let encoded = shared::plivo::form::encode_pairs(params);
+    let target =
+        if is_get { format!("{url}{}{encoded}", if url.contains('?') { '&' } else { '?' }) } else { url.to_owned() };
+    let body: &[(String, String)] = if is_get { &[] } else { params };
+    let signature = match sign_v3(&sim.config.auth_token, &SignedRequest { method, url: &target, body, nonce: &nonce })
+    {
+        Ok(signature) => signature,
+        Err(e) => return Attempt { status: None, error: Some(format!("cannot sign {url}: {e}")) },
+    };
+    let request = if is_get { sim.http.get(&target) } else { sim.http.post(&target) }
+        .header("X-Plivo-Signature-V3", signature)
+        .header("X-Plivo-Signature-V3-Nonce", nonce)
+        .header("User-Agent", "PlivoHTTP/sim");
+    let request = if is_get {
+        request
+    } else {
+        request.header("Content-Type", "application/x-www-form-urlencoded").body(encoded)
+    };
+    match request.send().await {
+        Ok(response) => Attempt { status: Some(response.status().as_u16()), error: None },
+        Err(e) => Attempt { status: None, error: Some(e.to_string()) },
+    }
+}
+
+async fn list_messages(State(sim): State<Shared>) -> Json<Vec<SimMessage>> {
+    let messages = sim.messages.lock().unwrap_or_else(|e| e.into_inner());
+    let mut list: Vec<SimMessage> = messages.values().cloned().collect();
+    list.sort_by(|a, b| a.message_uuid.cmp(&b.message_uuid));
+    Json(list)
+}
+
+async fn one_message(State(sim): State<Shared>, Path(uuid): Path<String>) -> Response {
+    match sim.messages.lock().unwrap_or_else(|e| e.into_inner()).get(&uuid) {
+        Some(message) => Json(message.clone()).into_response(),
+        None => plivo_error(StatusCode::NOT_FOUND, "message not found"),
+    }
+}
+
+async fn stats(State(sim): State<Shared>) -> Json<Stats> {
+    let (pending, finished) = {
+        let messages = sim.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let finished = messages.values().filter(|m| m.finished).count() as u64;
+        (messages.len() as u64 - finished, finished)
+    };
+    let c = &sim.counters;
+    Json(Stats {
+        send_requests: c.send_requests.load(Ordering::Relaxed),
+        messages_accepted: c.accepted.load(Ordering::Relaxed),
+        refused_unauthorized: c.unauthorized.load(Ordering::Relaxed),
+        refused_invalid: c.invalid.load(Ordering::Relaxed),
+        refused_rate_limited: c.rate_limited.load(Ordering::Relaxed),
+        callback_attempts: c.callback_attempts.load(Ordering::Relaxed),
+        callbacks_acknowledged: c.acknowledged.load(Ordering::Relaxed),
+        callbacks_given_up: c.given_up.load(Ordering::Relaxed),
+        stories_pending: pending,
+        stories_finished: finished,
+    })
+}
+
+/// Plays a story for a message the simulator never received, as if another system sent it.
+#[derive(Debug, Deserialize)]
+struct ExternalRequest {
+    url: String,
+    #[serde(default = "default_method")]
+    method: String,
+    src: String,
+    dst: String,
+    #[serde(default)]
+    story: Option<String>,
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+async fn external_story(State(sim): State<Shared>, Json(request): Json<ExternalRequest>) -> Response {
+    let story = match request.story.as_deref() {
+        None => Story::choose(&sim.config.weights),
+        Some(name) => match Story::named(name) {
+            Some(story) => story,
+            None => return plivo_error(StatusCode::BAD_REQUEST, "unknown story"),
+        },
+    };
+    let message_uuid = uuid::Uuid::new_v4().to_string();
+    start_story(&sim, message_uuid.clone(), request.src, request.dst, request.url, request.method, story, true);
+    (StatusCode::ACCEPTED, Json(json!({ "message_uuid": message_uuid }))).into_response()
+}
+
+/// Sends an inbound SMS webhook (signed) to a `message_url`, answering with the target's status.
+#[derive(Debug, Deserialize)]
+struct InboundRequest {
+    url: String,
+    from: String,
+    to: String,
+    text: String,
+    #[serde(default)]
+    intent: String,
+}
+
+async fn inbound(State(sim): State<Shared>, Json(request): Json<InboundRequest>) -> Response {
+    let message_uuid = uuid::Uuid::new_v4().to_string();
+    let params: Vec<(String, String)> = [
+        ("From", request.from.as_str()),
+        ("To", request.to.as_str()),
+        ("Text", request.text.as_str()),
+        ("Type", "sms"),
+        ("MessageUUID", message_uuid.as_str()),
+        ("Units", "1"),
+        ("TotalRate", "0.00000"),
+        ("TotalAmount", "0.00000"),
+        ("MessageIntent", request.intent.as_str()),
+        ("PowerpackUUID", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let attempt = send_signed(&sim, "POST", &request.url, &params).await;
+    Json(json!({ "message_uuid": message_uuid, "answer": attempt.status, "error": attempt.error })).into_response()
+}

@@ -1,0 +1,156 @@
+//! The simulator itself: Plivo's checks and answers, signed callbacks, Plivo's retry schedule.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use plivo_sim::{SimConfig, SimMessage};
+use secrecy::SecretString;
+use shared::plivo::form::parse_body;
+use shared::plivo::signature::{SignatureHeaders, Verifier};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "sim-test-token";
+const AUTH_ID: &str = "MASIMTEST00000000001";
+
+fn config() -> SimConfig {
+    SimConfig {
+        auth_id: AUTH_ID.into(),
+        auth_token: TOKEN.into(),
+        rate_limit: 1000.0,
+        weights: plivo_sim::story::StoryWeights { delivered: 1, undelivered: 0, failed: 0, sent_only: 0 },
+        latency_ms: 0,
+        duplicate_share: 0.0,
+        out_of_order_share: 0.0,
+        time_scale: 0.001,
+    }
+}
+
+async fn start(config: SimConfig) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(plivo_sim::run(config, listener, shutdown.clone()));
+    (url, shutdown)
+}
+
+fn send(client: &reqwest::Client, sim: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
+    client.post(format!("{sim}/v1/Account/{AUTH_ID}/Message/")).basic_auth(AUTH_ID, Some(TOKEN)).json(&body)
+}
+
+#[tokio::test]
+async fn the_send_api_checks_like_plivo_and_answers_in_plivo_shapes() {
+    let (sim, _stop) = start(config()).await;
+    let client = reqwest::Client::new();
+
+    let wrong = client
+        .post(format!("{sim}/v1/Account/{AUTH_ID}/Message/"))
+        .basic_auth(AUTH_ID, Some("wrong"))
+        .json(&serde_json::json!({"src": "1", "dst": "2", "text": "t"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.json::<serde_json::Value>().await.unwrap()["error"].is_string());
+
+    for (body, missing) in [
+        (serde_json::json!({"dst": "14155552671", "text": "t"}), "src"),
+        (serde_json::json!({"src": "14155550100", "text": "t"}), "dst"),
+        (serde_json::json!({"src": "14155550100", "dst": "14155552671"}), "text"),
+    ] {
+        let response = send(&client, &sim, body).send().await.unwrap();
+        assert_eq!(response.status(), 400, "missing {missing}");
+        let error = response.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+        assert!(error.contains(missing), "{error}");
+    }
+
+    let ok =
+        send(&client, &sim, serde_json::json!({"src": "14155550100", "dst": "14155552671<14155552672", "text": "t"}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(ok.status(), 202);
+    let body: serde_json::Value = ok.json().await.unwrap();
+    assert_eq!(body["message_uuid"].as_array().unwrap().len(), 2, "one uuid per destination");
+    assert_eq!(body["message"], "message(s) queued");
+}
+
+#[tokio::test]
+async fn over_its_rate_the_api_answers_429() {
+    let (sim, _stop) = start(SimConfig { rate_limit: 2.0, ..config() }).await;
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let body = serde_json::json!({"src": "14155550100", "dst": "14155552671", "text": "t"});
+        statuses.push(send(&client, &sim, body).send().await.unwrap().status().as_u16());
+    }
+    assert!(statuses.contains(&429) && statuses[0] == 202, "{statuses:?}");
+}
+
+/// A callback target that answers 500 to the first `failures` requests, and checks signatures.
+async fn target(failures: usize) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let valid = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/cb?ref=abc", listener.local_addr().unwrap());
+    let (seen2, valid2, url2) = (seen.clone(), valid.clone(), url.clone());
+    let app = axum::Router::new().route(
+        "/cb",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (seen, valid, url) = (seen2.clone(), valid2.clone(), url2.clone());
+            async move {
+                let params = parse_body(&body).unwrap();
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let sig = SignatureHeaders {
+                    v3: header("x-plivo-signature-v3"),
+                    v3_nonce: header("x-plivo-signature-v3-nonce"),
+                    ..Default::default()
+                };
+                let verifier = Verifier::new(vec![SecretString::from(TOKEN)], None, false);
+                if verifier.verify(&sig, "POST", &url, &params).is_ok() {
+                    valid.fetch_add(1, Ordering::Relaxed);
+                }
+                if seen.fetch_add(1, Ordering::Relaxed) < failures {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen, valid)
+}
+
+#[tokio::test]
+async fn callbacks_are_signed_and_retried_on_plivos_schedule() {
+    let (sim, _stop) = start(config()).await;
+    let (callback_url, seen, valid) = target(2).await;
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"src": "14155550100", "dst": "14155552671", "text": "t", "url": callback_url});
+    let answer: serde_json::Value = send(&client, &sim, body).send().await.unwrap().json().await.unwrap();
+    let uuid = answer["message_uuid"][0].as_str().unwrap().to_owned();
+
+    let mut message: Option<SimMessage> = None;
+    for _ in 0..100 {
+        let m: SimMessage =
+            client.get(format!("{sim}/_sim/messages/{uuid}")).send().await.unwrap().json().await.unwrap();
+        if m.finished {
+            message = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let message = message.expect("story finished");
+
+    assert_eq!(message.final_status, "delivered");
+    let statuses: Vec<&str> = message.callbacks.iter().map(|c| c.status.as_str()).collect();
+    assert_eq!(statuses, ["queued", "sent", "delivered"]);
+    let first = &message.callbacks[0];
+    let answers: Vec<Option<u16>> = first.attempts.iter().map(|a| a.status).collect();
+    assert_eq!(answers, [Some(500), Some(500), Some(200)], "retried after non-2xx answers");
+    assert!(message.callbacks.iter().all(|c| c.acknowledged));
+    assert_eq!(seen.load(Ordering::Relaxed), 5);
+    assert_eq!(valid.load(Ordering::Relaxed), 5, "every callback carries a valid V3 signature");
+}

@@ -1,0 +1,209 @@
+//! The whole flow with no Plivo account: ingress, worker and the simulator against the real
+//! RabbitMQ and PostgreSQL. 2,000 messages, half over HTTP and half over AMQP; afterwards the
+//! database must equal the simulator's ground truth.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use plivo_sim::{SimConfig, SimMessage, Stats};
+use secrecy::SecretString;
+use shared::amqp::contracts::SendJob;
+use shared::amqp::headers::json_message;
+use shared::amqp::{Publisher, Stream};
+use shared::testing::{TEST_AUTH_TOKEN, TestBroker, base_ingress_settings, base_worker_settings};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const API_TOKEN: &str = "e2e-api-token-0123456789";
+const SIM_AUTH_ID: &str = "MASIMULATOR000000001";
+const SENDER: &str = "+14155559999";
+
+/// id, Plivo MessageUUID, status, error code.
+type MessageRow = (uuid::Uuid, Option<String>, String, Option<i32>);
+
+fn sim_config() -> SimConfig {
+    SimConfig {
+        auth_id: SIM_AUTH_ID.into(),
+        auth_token: TEST_AUTH_TOKEN.into(),
+        rate_limit: 5000.0,
+        weights: plivo_sim::story::StoryWeights { delivered: 70, undelivered: 10, failed: 10, sent_only: 10 },
+        latency_ms: 500,
+        duplicate_share: 0.1,
+        out_of_order_share: 0.1,
+        time_scale: 0.01,
+    }
+}
+
+async fn bind() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    (listener, address)
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool: PgPool) {
+    let broker = TestBroker::new().await;
+    let shutdown = CancellationToken::new();
+    let (sim_listener, sim_url) = bind().await;
+    let (ingress_listener, ingress_url) = bind().await;
+    tokio::spawn(plivo_sim::run(sim_config(), sim_listener, shutdown.clone()));
+
+    let mut ingress_settings = base_ingress_settings();
+    ingress_settings.amqp = broker.amqp_settings();
+    ingress_settings.http.public_base_url = ingress_url.clone();
+    ingress_settings.api.tokens = vec![SecretString::from(API_TOKEN)];
+    ingress_settings.api.rate_per_second = 10_000;
+    ingress_settings.api.burst = 10_000;
+    ingress_settings.plivo.default_sender = SENDER.into();
+    tokio::spawn(ingress::run(ingress_settings, ingress_listener, shutdown.clone()));
+
+    let mut worker_settings = base_worker_settings();
+    worker_settings.amqp = broker.amqp_settings();
+    worker_settings.http.public_base_url = ingress_url.clone();
+    worker_settings.plivo.api_base_url = sim_url.clone();
+    worker_settings.plivo.auth_id = SIM_AUTH_ID.into();
+    worker_settings.plivo.default_sender = SENDER.into();
+    worker_settings.sending.sender_rate_per_second = 2000.0;
+    worker_settings.sending.sender_burst = 2000;
+    worker_settings.sending.concurrency = 64;
+    let worker = tokio::spawn(worker::run_with(worker_settings.clone(), pool.clone(), None, shutdown.clone()));
+
+    let client = reqwest::Client::new();
+    wait_until("ingress ready", Duration::from_secs(20), async || {
+        client.get(format!("{ingress_url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // 1,000 over HTTP …
+    let http_ids: Vec<String> = futures_util::stream::iter(0..1000)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{ingress_url}/v1/messages");
+            async move {
+                let body = serde_json::json!({"to": format!("+1415555{:04}", i), "text": format!("http message {i}")});
+                let response = client.post(&url).bearer_auth(API_TOKEN).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 202, "HTTP send {i}");
+                response.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    // … and 1,000 over AMQP, as an internal service would publish them.
+    let publisher_shutdown = CancellationToken::new();
+    let publisher = Publisher::start(
+        worker_settings.amqp.clone(),
+        shared::amqp::Topology::from_settings(&worker_settings.amqp),
+        "e2e publisher",
+        publisher_shutdown.clone(),
+    );
+    assert!(publisher.wait_ready(Duration::from_secs(10)).await);
+    let amqp_ids: Vec<String> = futures_util::stream::iter(1000..2000)
+        .map(|i| {
+            let publisher = publisher.clone();
+            async move {
+                let job = SendJob {
+                    id: uuid::Uuid::now_v7(),
+                    to: format!("+1415555{:04}", i),
+                    text: format!("amqp message {i}"),
+                    from: None,
+                    powerpack_uuid: None,
+                    message_expiry: None,
+                    metadata: None,
+                    callback: None,
+                };
+                let properties =
+                    json_message(SendJob::SCHEMA, SendJob::VERSION, &job.id.to_string(), Default::default());
+                publisher
+                    .publish(Stream::Send.routing_key(), &serde_json::to_vec(&job).unwrap(), properties)
+                    .await
+                    .unwrap();
+                job.id.to_string()
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert_eq!(http_ids.len() + amqp_ids.len(), 2000);
+
+    let stats_url = format!("{sim_url}/_sim/stats");
+    wait_until("every story played", Duration::from_secs(240), async || {
+        let stats: Stats = client.get(&stats_url).send().await.unwrap().json().await.unwrap();
+        stats.messages_accepted == 2000 && stats.stories_pending == 0
+    })
+    .await;
+    let stats: Stats = client.get(&stats_url).send().await.unwrap().json().await.unwrap();
+    let truth: Vec<SimMessage> =
+        client.get(format!("{sim_url}/_sim/messages")).send().await.unwrap().json().await.unwrap();
+
+    // The simulator received exactly one send request per job, and refused none.
+    assert_eq!(stats.send_requests, 2000, "{stats:?}");
+    assert_eq!(stats.refused_invalid + stats.refused_rate_limited + stats.refused_unauthorized, 0, "{stats:?}");
+    assert_eq!(stats.callbacks_given_up, 0, "every callback was acknowledged: {stats:?}");
+
+    // Event rows equal the distinct acknowledged callbacks.
+    let distinct: i64 = truth
+        .iter()
+        .map(|m| {
+            let mut sequences: Vec<u32> = m.callbacks.iter().filter(|c| c.acknowledged).map(|c| c.sequence).collect();
+            sequences.sort_unstable();
+            sequences.dedup();
+            sequences.len() as i64
+        })
+        .sum();
+    wait_until("every callback stored", Duration::from_secs(60), async || {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM message_events").fetch_one(&pool).await.unwrap();
+        n >= distinct
+    })
+    .await;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM message_events").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, distinct, "one event row per distinct callback");
+
+    // Every message's final status and error code equal the simulator's truth.
+    let rows: Vec<MessageRow> =
+        sqlx::query_as("SELECT id, message_uuid, status, error_code FROM messages").fetch_all(&pool).await.unwrap();
+    assert_eq!(rows.len(), 2000, "one row per job, none created by callbacks alone");
+    let by_uuid: HashMap<&str, &MessageRow> = rows.iter().filter_map(|r| r.1.as_deref().map(|u| (u, r))).collect();
+    let mut mismatches = Vec::new();
+    for message in &truth {
+        match by_uuid.get(message.message_uuid.as_str()) {
+            None => mismatches.push(format!("{}: no row", message.message_uuid)),
+            Some((_, _, status, error_code)) => {
+                let expected_code = message.error_code.map(|c| c as i32);
+                if *status != message.final_status || *error_code != expected_code {
+                    mismatches.push(format!(
+                        "{}: database {status}/{error_code:?}, simulator {}/{expected_code:?}",
+                        message.message_uuid, message.final_status
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches[..mismatches.len().min(20)].join("\n")
+    );
+    let mut ids: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+    ids.sort();
+    let mut sent: Vec<String> = http_ids.into_iter().chain(amqp_ids).collect();
+    sent.sort();
+    assert_eq!(ids, sent, "the rows are exactly the jobs sent");
+
+    for stream in Stream::ALL {
+        assert_eq!(broker.len(&broker.topology.dead_letter_queue(stream)).await, 0, "no dead letters in {stream:?}");
+    }
+    shutdown.cancel();
+    publisher_shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
