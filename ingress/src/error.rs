@@ -31,6 +31,14 @@ pub enum IngressError {
     RateLimited(String, u64),
     #[error("no such route")]
     NotFound,
+    #[error("no message with this id or MessageUUID")]
+    NotFoundMessage,
+    #[error("this number has no opt-out")]
+    NotFoundOptOut,
+    #[error("database unavailable; retry later")]
+    DatabaseUnavailable(String),
+    #[error("internal error")]
+    Internal(String),
     #[error("message broker unavailable: {reason}")]
     Unavailable { reason: String, retry_after_secs: u32 },
 }
@@ -45,7 +53,9 @@ impl IngressError {
             Self::BadRequest(_) | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Self::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => StatusCode::NOT_FOUND,
+            Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -62,7 +72,9 @@ impl IngressError {
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidField { .. } => "invalid_field",
             Self::RateLimited(..) => "rate_limited",
-            Self::NotFound => "not_found",
+            Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => "not_found",
+            Self::DatabaseUnavailable(_) => "database_unavailable",
+            Self::Internal(_) => "internal",
             Self::Unavailable { .. } => "unavailable",
         }
     }
@@ -71,13 +83,17 @@ impl IngressError {
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if let Self::DatabaseUnavailable(detail) | Self::Internal(detail) = &self {
+            // The detail stays in the log; the client gets the generic text.
+            tracing::warn!(error = %self, detail, "request failed");
+        } else if status.is_server_error() {
             tracing::warn!(error = %self, "request not accepted");
         } else {
             tracing::debug!(error = %self, status = status.as_u16(), "request rejected");
         }
         let retry_after = match &self {
             Self::Unavailable { retry_after_secs, .. } => Some(u64::from(*retry_after_secs)),
+            Self::DatabaseUnavailable(_) => Some(5),
             Self::RateLimited(_, secs) => Some(*secs),
             _ => None,
         };

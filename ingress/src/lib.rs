@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod routes;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,12 +41,16 @@ pub struct AppState {
     /// Global budget for requests that fail verification.
     pub unverified_budget: Arc<TokenBucket>,
     pub api_tokens: Arc<Vec<routes::send::ApiToken>>,
+    /// Read-only, for the status API; connects lazily so start-up never waits on it.
+    pub db: sqlx::PgPool,
     pub default_sender: Arc<str>,
 }
 
 impl AppState {
-    pub fn new(settings: &IngressSettings, publisher: Publisher) -> Self {
-        Self {
+    pub fn new(settings: &IngressSettings, publisher: Publisher) -> anyhow::Result<Self> {
+        let api = &settings.api;
+        let tokens = api.tokens.iter().map(|t| (t, false)).chain(api.full_read_tokens.iter().map(|t| (t, true)));
+        Ok(Self {
             verifier: Arc::new(Verifier::from_settings(&settings.plivo)),
             publisher,
             public_base_url: settings.http.public_base_url.as_str().into(),
@@ -57,15 +62,13 @@ impl AppState {
                 settings.http.unverified_burst.into(),
             )),
             api_tokens: Arc::new(
-                settings
-                    .api
-                    .tokens
-                    .iter()
-                    .map(|t| routes::send::ApiToken::new(t.clone(), settings.api.rate_per_second, settings.api.burst))
+                tokens
+                    .map(|(t, full)| routes::send::ApiToken::new(t.clone(), full, api.rate_per_second, api.burst))
                     .collect(),
             ),
+            db: shared::db::pool(&settings.database)?,
             default_sender: settings.plivo.default_sender.as_str().into(),
-        }
+        })
     }
 
     /// Spends the failed-verification budget; once it is gone, failures are answered 429.
@@ -92,8 +95,17 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let mut router = Router::new()
         .route("/plivo/callback", get(routes::plivo::status_callback).post(routes::plivo::status_callback))
         .route("/plivo/inbound", get(routes::plivo::inbound_message).post(routes::plivo::inbound_message))
-        .route("/v1/messages", post(routes::send::create_message))
+        .route("/v1/messages", post(routes::send::create_message).get(routes::messages::list_messages))
         .route("/send-sms", post(routes::send::create_message))
+        .route("/v1/messages/{id}", get(routes::messages::get_message))
+        .route("/v1/stats", get(routes::messages::stats))
+        .route("/v1/inbound", get(routes::messages::list_inbound))
+        .route(
+            "/v1/opt-outs/{number}",
+            get(routes::messages::get_opt_outs)
+                .put(routes::messages::put_opt_out)
+                .delete(routes::messages::delete_opt_outs),
+        )
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
@@ -141,7 +153,7 @@ pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: Can
         broker_shutdown.clone(),
     );
     let app =
-        router(AppState::new(&settings, publisher.clone()), Duration::from_millis(settings.http.request_timeout_ms));
+        router(AppState::new(&settings, publisher.clone())?, Duration::from_millis(settings.http.request_timeout_ms));
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
 

@@ -338,6 +338,9 @@ impl WorkerTuning {
 pub struct ApiSettings {
     #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
     pub tokens: Vec<SecretString>,
+    /// Tokens that may also read full phone numbers (others see them masked).
+    #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
+    pub full_read_tokens: Vec<SecretString>,
     pub rate_per_second: u32,
     pub burst: u32,
 }
@@ -346,6 +349,9 @@ impl ApiSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.tokens.iter().any(|t| t.expose_secret().len() < 16) {
             return Err(ConfigError::new("api.tokens", "every token must be at least 16 characters"));
+        }
+        if self.full_read_tokens.iter().any(|t| t.expose_secret().len() < 16) {
+            return Err(ConfigError::new("api.full_read_tokens", "every token must be at least 16 characters"));
         }
         positive("api.rate_per_second", self.rate_per_second.into())?;
         positive("api.burst", self.burst.into())
@@ -392,6 +398,8 @@ pub struct IngressSettings {
     pub http: HttpSettings,
     pub api: ApiSettings,
     pub amqp: AmqpSettings,
+    /// Read-only use by the status API; callbacks never wait on it.
+    pub database: DatabaseSettings,
     pub plivo: PlivoSettings,
     pub telemetry: TelemetrySettings,
 }
@@ -401,6 +409,7 @@ impl Validate for IngressSettings {
         self.http.validate()?;
         self.api.validate()?;
         self.amqp.validate()?;
+        self.database.validate()?;
         self.plivo.validate()?;
         self.telemetry.validate()
     }

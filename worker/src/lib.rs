@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod inbound;
 pub mod replay;
 pub mod send;
 pub mod status;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Rerouter;
+use crate::inbound::InboundPipeline;
 use crate::send::SendPipeline;
 use crate::send::plivo::PlivoClient;
 use crate::send::ratelimit::SenderRateLimiter;
@@ -72,8 +74,9 @@ pub async fn run_with(
     );
     let status_consuming = Arc::new(AtomicBool::new(false));
     let send_consuming = Arc::new(AtomicBool::new(false));
+    let inbound_consuming = Arc::new(AtomicBool::new(false));
     let admin_task = admin.map(|listener| {
-        let flags = vec![status_consuming.clone(), send_consuming.clone()];
+        let flags = vec![status_consuming.clone(), send_consuming.clone(), inbound_consuming.clone()];
         tokio::spawn(admin::serve(listener, flags, shutdown.clone()))
     });
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
@@ -86,6 +89,13 @@ pub async fn run_with(
         rerouter: rerouter.clone(),
         consuming: send_consuming,
     });
+    let inbound = Arc::new(InboundPipeline {
+        settings: settings.clone(),
+        topology: topology.clone(),
+        pool: pool.clone(),
+        rerouter: rerouter.clone(),
+        consuming: inbound_consuming,
+    });
     let status =
         Arc::new(StatusPipeline { settings, topology, pool: pool.clone(), rerouter, consuming: status_consuming });
 
@@ -96,11 +106,12 @@ pub async fn run_with(
         }
         result
     };
-    let (status_result, send_result) =
-        tokio::join!(async { stop_on_error(status.run(shutdown.clone()).await) }, async {
-            stop_on_error(send.run(shutdown.clone()).await)
-        },);
-    let result = status_result.and(send_result);
+    let (status_result, send_result, inbound_result) = tokio::join!(
+        async { stop_on_error(status.run(shutdown.clone()).await) },
+        async { stop_on_error(send.run(shutdown.clone()).await) },
+        async { stop_on_error(inbound.run(shutdown.clone()).await) },
+    );
+    let result = status_result.and(send_result).and(inbound_result);
 
     shutdown.cancel();
     publisher_shutdown.cancel();

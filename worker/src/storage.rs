@@ -9,6 +9,9 @@ use uuid::Uuid;
 
 use crate::status::event::StatusUpdate;
 
+/// Plivo's "source number blocked by STOP from destination number".
+const BLOCKED_BY_STOP: i32 = 200;
+
 /// What one batch changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -138,6 +141,24 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     .execute(&mut *tx)
     .await?
     .rows_affected();
+
+    // Error 200: the recipient blocked this sender with STOP; stop sending to them from it.
+    let blocked: Vec<&StatusUpdate> = updates.iter().filter(|u| u.error_code == Some(BLOCKED_BY_STOP)).collect();
+    if !blocked.is_empty() {
+        let number = |n: &Option<String>| n.as_deref().map(crate::inbound::normalize_number).unwrap_or_default();
+        sqlx::query!(
+            r#"INSERT INTO opt_outs (recipient, sender, source, message_uuid)
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
+               WHERE 1 = 1
+               ON CONFLICT (recipient, sender) DO NOTHING"#,
+            &blocked.iter().map(|u| number(&u.recipient)).collect::<Vec<_>>(),
+            &blocked.iter().map(|u| number(&u.sender)).collect::<Vec<_>>(),
+            &blocked.iter().map(|_| "error_code".to_owned()).collect::<Vec<_>>(),
+            &blocked.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
 
     tx.commit().await?;
     Ok(BatchOutcome { messages_advanced: advanced, events_recorded: recorded })
@@ -273,5 +294,66 @@ pub mod sending {
         .execute(pool)
         .await?;
         Ok(())
+    }
+}
+
+/// Inbound messages and the consent they carry.
+pub mod inbound {
+    use sqlx::PgPool;
+
+    use crate::inbound::{Consent, InboundMessage};
+
+    /// Stores the message once; its consent change is applied only that first time. Returns
+    /// whether this was the first time.
+    pub async fn record(pool: &PgPool, message: &InboundMessage) -> Result<bool, sqlx::Error> {
+        let mut tx = pool.begin().await?;
+        let inserted = sqlx::query!(
+            r#"INSERT INTO inbound_messages (message_uuid, sender, recipient, body, message_type, units, amount, intent, params, received_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::text::numeric, $8, $9, $10)
+               ON CONFLICT (message_uuid) DO NOTHING"#,
+            message.message_uuid,
+            message.sender,
+            message.recipient,
+            message.body,
+            message.message_type,
+            message.units,
+            message.amount,
+            message.intent,
+            message.params,
+            message.received_at,
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            match &message.consent {
+                Consent::OptOut { sender, source } => {
+                    sqlx::query!(
+                        "INSERT INTO opt_outs (recipient, sender, source, message_uuid) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (recipient, sender) DO NOTHING",
+                        message.sender,
+                        sender,
+                        source,
+                        message.message_uuid
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Consent::OptIn { sender } => {
+                    // START lifts the opt-out from this number and a STOPALL.
+                    sqlx::query!(
+                        "DELETE FROM opt_outs WHERE recipient = $1 AND sender IN ($2, '*')",
+                        message.sender,
+                        sender
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Consent::None => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(inserted)
     }
 }

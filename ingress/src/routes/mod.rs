@@ -1,4 +1,5 @@
 pub mod health;
+pub mod messages;
 pub mod plivo;
 pub mod send;
 

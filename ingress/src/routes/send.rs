@@ -39,17 +39,24 @@ struct SendRequest {
 /// One configured API token.
 pub struct ApiToken {
     pub secret: secrecy::SecretString,
+    /// May read full phone numbers and message text.
+    pub full_read: bool,
     /// Scopes idempotency keys to their token.
     pub fingerprint: String,
     pub budget: shared::ratelimit::TokenBucket,
 }
 
 impl ApiToken {
-    pub fn new(secret: secrecy::SecretString, rate_per_second: u32, burst: u32) -> Self {
+    pub fn new(secret: secrecy::SecretString, full_read: bool, rate_per_second: u32, burst: u32) -> Self {
         use secrecy::ExposeSecret as _;
         let fingerprint =
             Sha256::digest(secret.expose_secret().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        Self { secret, fingerprint, budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()) }
+        Self {
+            secret,
+            full_read,
+            fingerprint,
+            budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()),
+        }
     }
 }
 
@@ -60,9 +67,6 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let token = authenticate(&state, &headers)?;
-    if let Err(wait) = token.budget.try_take() {
-        return Err(IngressError::RateLimited("this token's request rate is exceeded".into(), wait.as_secs().max(1)));
-    }
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -126,7 +130,16 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     Ok(response)
 }
 
-fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
+/// The token presented as `Authorization: Bearer …`, within its request rate.
+pub fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
+    let token = identify(state, headers)?;
+    if let Err(wait) = token.budget.try_take() {
+        return Err(IngressError::RateLimited("this token's request rate is exceeded".into(), wait.as_secs().max(1)));
+    }
+    Ok(token)
+}
+
+fn identify<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
     use secrecy::ExposeSecret as _;
     let presented = headers
         .get(header::AUTHORIZATION)

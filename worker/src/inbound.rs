@@ -1,0 +1,224 @@
+//! Inbound SMS: stored once per Plivo MessageUUID, and the opt-out list kept from them.
+//!
+//! STOP-family keywords (STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT) and Plivo's
+//! `MessageIntent=optout` add the sender to `opt_outs` for the number it wrote to (STOPALL: for
+//! all our numbers); START/UNSTOP and `MessageIntent=optin` remove it. An action is applied only
+//! the first time its message is stored, so a replay never undoes a later change.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use futures_util::StreamExt as _;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::{Stream, Topology};
+use shared::config::WorkerSettings;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{self, Rerouter, Session, SessionEnd};
+use crate::storage;
+
+/// What an inbound message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consent {
+    /// Stop messages from `sender` (`*`: from all of our numbers).
+    OptOut {
+        sender: String,
+        source: &'static str,
+    },
+    /// Allow messages from `sender` again.
+    OptIn {
+        sender: String,
+    },
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundMessage {
+    pub message_uuid: String,
+    pub sender: String,
+    pub recipient: String,
+    pub body: Option<String>,
+    pub message_type: String,
+    pub units: Option<i32>,
+    pub amount: Option<String>,
+    pub intent: Option<String>,
+    pub params: serde_json::Value,
+    pub received_at: OffsetDateTime,
+    pub consent: Consent,
+}
+
+const STOP_WORDS: [&str; 6] = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"];
+const START_WORDS: [&str; 2] = ["START", "UNSTOP"];
+
+/// Plivo sends numbers as digits; we store E.164 (`+` and digits). Sender IDs stay as they are.
+pub fn normalize_number(raw: &str) -> String {
+    let raw = raw.trim();
+    if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) { format!("+{raw}") } else { raw.to_owned() }
+}
+
+pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
+    let event: CallbackEvent =
+        serde_json::from_slice(payload).map_err(|e| format!("not a JSON callback event: {e}"))?;
+    if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
+        return Err(format!("unsupported schema {:?} version {}", event.schema, event.version));
+    }
+    let field = |key: &str| event.param(key).map(str::trim).filter(|v| !v.is_empty());
+    let message_uuid = field("MessageUUID").ok_or("inbound message has no MessageUUID")?.to_owned();
+    let sender = normalize_number(field("From").ok_or("inbound message has no From")?);
+    let recipient = normalize_number(field("To").ok_or("inbound message has no To")?);
+    let body = event.param("Text").or_else(|| event.param("Body")).map(str::to_owned);
+    let intent = field("MessageIntent").map(str::to_ascii_lowercase);
+    let keyword = body
+        .as_deref()
+        .and_then(|t| t.split_whitespace().next())
+        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_ascii_uppercase());
+    let consent = match (intent.as_deref(), keyword.as_deref()) {
+        (_, Some("STOPALL")) => Consent::OptOut { sender: "*".into(), source: "keyword" },
+        (_, Some(word)) if STOP_WORDS.contains(&word) => {
+            Consent::OptOut { sender: recipient.clone(), source: "keyword" }
+        }
+        (Some("optout"), _) => Consent::OptOut { sender: recipient.clone(), source: "intent" },
+        (_, Some(word)) if START_WORDS.contains(&word) => Consent::OptIn { sender: recipient.clone() },
+        (Some("optin"), _) => Consent::OptIn { sender: recipient.clone() },
+        _ => Consent::None,
+    };
+    let params = event.params.iter().fold(serde_json::Map::new(), |mut map, (k, v)| {
+        map.entry(k.clone()).or_insert_with(|| v.clone().into());
+        map
+    });
+    Ok(InboundMessage {
+        message_uuid,
+        sender,
+        recipient,
+        body,
+        message_type: field("Type").unwrap_or("sms").to_owned(),
+        units: field("Units").and_then(|u| u.parse().ok()),
+        amount: field("TotalAmount").filter(|a| a.parse::<f64>().is_ok()).map(str::to_owned),
+        intent,
+        params: params.into(),
+        received_at: event.received_at,
+        consent,
+    })
+}
+
+pub struct InboundPipeline {
+    pub settings: WorkerSettings,
+    pub topology: Topology,
+    pub pool: PgPool,
+    pub rerouter: Rerouter,
+    pub consuming: Arc<AtomicBool>,
+}
+
+impl InboundPipeline {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        broker::consume_with_reconnect(
+            &self.settings.amqp,
+            &self.topology,
+            Stream::Inbound,
+            100,
+            &self.consuming,
+            &shutdown,
+            |session| Box::pin(self.clone().consume(session, shutdown.clone())),
+        )
+        .await
+    }
+
+    async fn consume(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
+        loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => return SessionEnd::Shutdown,
+                next = session.consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => return SessionEnd::Lost(e.into()),
+                None => return SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
+            };
+            if let Err(error) = self.process(&delivery).await {
+                return SessionEnd::Lost(error);
+            }
+        }
+    }
+
+    async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        match parse(&delivery.data) {
+            Err(reason) => self.rerouter.dead_letter(Stream::Inbound, delivery, &reason).await?,
+            Ok(message) => match storage::inbound::record(&self.pool, &message).await {
+                Ok(first_time) => {
+                    if first_time && message.consent != Consent::None {
+                        tracing::info!(sender = %shared::redact::phone(&message.sender), consent = ?message.consent, "consent recorded");
+                    }
+                }
+                Err(e) if storage::is_transient(&e) => {
+                    self.rerouter.retry_later(Stream::Inbound, delivery, &format!("database unavailable: {e}")).await?;
+                }
+                Err(e) => {
+                    self.rerouter
+                        .dead_letter(Stream::Inbound, delivery, &format!("refused by the database: {e}"))
+                        .await?
+                }
+            },
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(text: &str, intent: &str) -> Vec<u8> {
+        let params: Vec<(String, String)> = [
+            ("From", "14155552671"),
+            ("To", "14155559999"),
+            ("Text", text),
+            ("MessageUUID", "in-1"),
+            ("MessageIntent", intent),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        serde_json::to_vec(&CallbackEvent {
+            schema: CallbackEvent::SCHEMA.into(),
+            version: 1,
+            params,
+            query: vec![],
+            reference: None,
+            method: "POST".into(),
+            signature: "v3".into(),
+            received_at: OffsetDateTime::UNIX_EPOCH,
+            request_id: "r".into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn keywords_and_intents_become_consent() {
+        let ours = "+14155559999".to_string();
+        assert_eq!(
+            parse(&event("stop", "")).unwrap().consent,
+            Consent::OptOut { sender: ours.clone(), source: "keyword" }
+        );
+        assert_eq!(
+            parse(&event("  Unsubscribe please", "")).unwrap().consent,
+            Consent::OptOut { sender: ours.clone(), source: "keyword" }
+        );
+        assert_eq!(
+            parse(&event("STOPALL", "")).unwrap().consent,
+            Consent::OptOut { sender: "*".into(), source: "keyword" }
+        );
+        assert_eq!(
+            parse(&event("no more", "optout")).unwrap().consent,
+            Consent::OptOut { sender: ours.clone(), source: "intent" }
+        );
+        assert_eq!(parse(&event("START", "")).unwrap().consent, Consent::OptIn { sender: ours.clone() });
+        assert_eq!(parse(&event("hi", "optin")).unwrap().consent, Consent::OptIn { sender: ours });
+        assert_eq!(parse(&event("stopping by later", "")).unwrap().consent, Consent::None);
+        assert_eq!(parse(&event("hello", "")).unwrap().sender, "+14155552671");
+    }
+}
