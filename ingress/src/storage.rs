@@ -71,9 +71,9 @@ pub struct MessageFilter {
     pub limit: i64,
 }
 
-/// The list query (also used by the EXPLAIN test).
-pub fn list_query(filter: &MessageFilter) -> QueryBuilder<'_, Postgres> {
-    let mut q = QueryBuilder::new(format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE TRUE"));
+/// The list query; `prefix` lets a test run it under `EXPLAIN`.
+pub fn list_query<'a>(prefix: &str, filter: &'a MessageFilter) -> QueryBuilder<'a, Postgres> {
+    let mut q = QueryBuilder::new(format!("{prefix}SELECT {MESSAGE_COLUMNS} FROM messages WHERE TRUE"));
     if let Some(status) = &filter.status {
         q.push(" AND status = ").push_bind(status);
     }
@@ -98,7 +98,7 @@ pub fn list_query(filter: &MessageFilter) -> QueryBuilder<'_, Postgres> {
 }
 
 pub async fn list(pool: &PgPool, filter: &MessageFilter) -> Result<Vec<MessageRow>, sqlx::Error> {
-    list_query(filter).build_query_as().fetch_all(pool).await
+    list_query("", filter).build_query_as().fetch_all(pool).await
 }
 
 #[derive(Debug, Clone, Serialize, FromRow)]

@@ -7,3 +7,4 @@ mod helpers;
 mod outage;
 mod send;
 mod shutdown;
+mod status_api;

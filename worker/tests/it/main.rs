@@ -3,6 +3,7 @@
 
 mod crash;
 mod helpers;
+mod inbound;
 mod infra;
 mod outage;
 mod poison;
