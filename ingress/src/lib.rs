@@ -106,6 +106,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .put(routes::messages::put_opt_out)
                 .delete(routes::messages::delete_opt_outs),
         )
+        .route("/openapi.json", get(routes::health::openapi))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)

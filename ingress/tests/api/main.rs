@@ -4,6 +4,7 @@ mod bad_input;
 mod callbacks;
 mod cli;
 mod helpers;
+mod openapi;
 mod outage;
 mod send;
 mod shutdown;

@@ -96,7 +96,12 @@ async fn a_message_is_found_by_our_id_or_plivos_with_its_history(pool: PgPool) {
 
     // Plivo's MessageUUIDs are UUIDs too.
     let plivo_uuid = Uuid::new_v4();
-    sqlx::query("UPDATE messages SET message_uuid = $1 WHERE id = $2").bind(plivo_uuid.to_string()).bind(ids[2]).execute(&pool).await.unwrap();
+    sqlx::query("UPDATE messages SET message_uuid = $1 WHERE id = $2")
+        .bind(plivo_uuid.to_string())
+        .bind(ids[2])
+        .execute(&pool)
+        .await
+        .unwrap();
     let (status, by_plivo) = get(&app, &format!("/v1/messages/{plivo_uuid}"), TOKEN).await;
     assert_eq!((status, by_plivo["id"].as_str()), (200, Some(ids[2].to_string().as_str())));
 }
@@ -125,7 +130,9 @@ async fn the_list_filters_by_status_recipient_time_and_metadata(pool: PgPool) {
     assert_eq!(listed(&delivered), [id(0)]);
     let (_, to) = get(&app, "/v1/messages?recipient=%2B14155552671", TOKEN).await;
     assert_eq!(listed(&to), [id(2), id(0)]);
-    let since = (time::OffsetDateTime::now_utc() - time::Duration::minutes(150)).format(&time::format_description::well_known::Rfc3339).unwrap();
+    let since = (time::OffsetDateTime::now_utc() - time::Duration::minutes(150))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let (_, recent) = get(&app, &format!("/v1/messages?since={}", since.replace('+', "%2B")), TOKEN).await;
     assert_eq!(listed(&recent), [id(2), id(1)]);
     let (_, tagged) = get(&app, "/v1/messages?metadata_key=order&metadata_value=2", TOKEN).await;
@@ -143,7 +150,10 @@ async fn the_list_filters_by_status_recipient_time_and_metadata(pool: PgPool) {
     ] {
         let (status, body) = get(&app, &format!("/v1/messages?{query}"), TOKEN).await;
         assert_eq!(status, 400, "{query}: {body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains(what.split(' ').next().unwrap()), "{query}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(what.split(' ').next().unwrap()),
+            "{query}: {body}"
+        );
     }
 }
 
@@ -178,7 +188,11 @@ async fn keyset_pagination_visits_every_row_once(pool: PgPool) {
     let (_, rest) = get(&app, &format!("/v1/messages?limit=2&cursor={cursor}"), TOKEN).await;
     let tail = rest["data"].as_array().unwrap()[0]["id"].as_str().unwrap().to_owned();
     sqlx::query("DELETE FROM message_events").execute(&pool).await.unwrap();
-    sqlx::query("DELETE FROM messages WHERE id = $1").bind(Uuid::parse_str(&tail).unwrap()).execute(&pool).await.unwrap();
+    sqlx::query("DELETE FROM messages WHERE id = $1")
+        .bind(Uuid::parse_str(&tail).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
     let (status, past) = get(&app, &format!("/v1/messages?limit=2&cursor={cursor}"), TOKEN).await;
     assert_eq!((status, past["data"].as_array().unwrap().len(), &past["next_cursor"]), (200, 0, &Value::Null));
 }
@@ -193,7 +207,12 @@ async fn list_filters_are_served_from_indexes(pool: PgPool) {
         MessageFilter { recipient: Some("+14155552671".into()), limit: 50, ..Default::default() },
         MessageFilter { since: Some(now - time::Duration::days(1)), until: Some(now), limit: 50, ..Default::default() },
         MessageFilter { metadata: Some(("order".into(), "1".into())), limit: 50, ..Default::default() },
-        MessageFilter { status: Some("sent".into()), after: Some((now, Uuid::now_v7())), limit: 50, ..Default::default() },
+        MessageFilter {
+            status: Some("sent".into()),
+            after: Some((now, Uuid::now_v7())),
+            limit: 50,
+            ..Default::default()
+        },
     ];
     for filter in &filters {
         let mut tx = pool.begin().await.unwrap();
@@ -240,7 +259,8 @@ async fn operators_manage_opt_outs_and_read_inbound_messages(pool: PgPool) {
     assert_eq!(put(json!({"sender": "+14155559999"})).await.unwrap().status(), 201);
     assert_eq!(put(json!({"sender": "not valid!"})).await.unwrap().status(), 422);
     let (_, list) = get(&app, number, TOKEN).await;
-    let senders: Vec<&str> = list["opt_outs"].as_array().unwrap().iter().map(|o| o["sender"].as_str().unwrap()).collect();
+    let senders: Vec<&str> =
+        list["opt_outs"].as_array().unwrap().iter().map(|o| o["sender"].as_str().unwrap()).collect();
     assert_eq!(senders, ["*", "+14155559999"]);
     let delete = app.client.delete(app.url(&format!("{number}?sender=*"))).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(delete.status(), 204);
@@ -265,7 +285,11 @@ async fn with_the_database_down_the_api_answers_503_and_callbacks_are_still_acce
     })
     .await;
     app.wait_ready().await;
-    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200, "readiness ignores the database");
+    assert_eq!(
+        app.client.get(app.url("/readyz")).send().await.unwrap().status(),
+        200,
+        "readiness ignores the database"
+    );
     let (status, body) = get(&app, &format!("/v1/messages/{}", Uuid::new_v4()), TOKEN).await;
     assert_eq!((status, body["error"]["code"].as_str()), (503, Some("database_unavailable")));
     assert_eq!(get(&app, "/v1/messages", TOKEN).await.0, 503);

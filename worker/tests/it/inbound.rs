@@ -14,16 +14,27 @@ use crate::helpers::{callback, fake_plivo, publish_job, send_job, start_worker, 
 
 fn inbound(uuid: &str, text: &str) -> CallbackEvent {
     let mut event = callback(uuid, "", 0);
-    event.params = [("From", "14155552671"), ("To", "14155550100"), ("Text", text), ("Type", "sms"), ("MessageUUID", uuid), ("Units", "1")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    event.params = [
+        ("From", "14155552671"),
+        ("To", "14155550100"),
+        ("Text", text),
+        ("Type", "sms"),
+        ("MessageUUID", uuid),
+        ("Units", "1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     event
 }
 
 async fn publish_inbound(worker: &crate::helpers::TestWorker, event: &CallbackEvent) {
     let properties = json_message(CallbackEvent::SCHEMA, 1, &event.request_id, Default::default());
-    worker.publisher.publish(Stream::Inbound.routing_key(), &serde_json::to_vec(event).unwrap(), properties).await.unwrap();
+    worker
+        .publisher
+        .publish(Stream::Inbound.routing_key(), &serde_json::to_vec(event).unwrap(), properties)
+        .await
+        .unwrap();
 }
 
 async fn wait_rows(pool: &PgPool, sql: &str, expected: i64) {
@@ -50,7 +61,8 @@ async fn stop_then_send_sends_nothing_and_start_re_enables_sending(pool: PgPool)
     let stop = inbound("in-stop", "STOP");
     publish_inbound(&worker, &stop).await;
     publish_inbound(&worker, &stop).await; // a Plivo retry
-    wait_rows(&pool, "SELECT count(*) FROM opt_outs WHERE recipient = '+14155552671' AND sender = '+14155550100'", 1).await;
+    wait_rows(&pool, "SELECT count(*) FROM opt_outs WHERE recipient = '+14155552671' AND sender = '+14155550100'", 1)
+        .await;
     wait_rows(&pool, "SELECT count(*) FROM inbound_messages", 1).await;
 
     let blocked = send_job("after stop");
@@ -83,7 +95,8 @@ async fn a_callback_with_error_200_records_the_opt_out(pool: PgPool) {
     }
     worker.publish(&[event]).await;
     wait_for_events(&pool, 1, Duration::from_secs(20)).await;
-    let row: (String, String, String) = sqlx::query_as("SELECT recipient, sender, source FROM opt_outs").fetch_one(&pool).await.unwrap();
+    let row: (String, String, String) =
+        sqlx::query_as("SELECT recipient, sender, source FROM opt_outs").fetch_one(&pool).await.unwrap();
     assert_eq!(row, ("+14155550199".into(), "+14155550123".into(), "error_code".into()));
     worker.stop().await.unwrap();
 }
