@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
 use axum::routing::{get, post};
 use shared::amqp::{Publisher, Topology};
@@ -107,6 +107,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .delete(routes::messages::delete_opt_outs),
         )
         .route("/openapi.json", get(routes::health::openapi))
+        .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
@@ -119,23 +120,54 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             HeaderValue::from_static(value),
         ));
     }
-    router.layer(
+    router.layer(axum::middleware::from_fn(record_http_metrics)).layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             // The span names the path only: a GET callback's query carries phone numbers.
-            .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-                let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-                tracing::info_span!(
-                    "http request",
-                    otel.kind = "server",
-                    http.request.method = %request.method(),
-                    url.path = %request.uri().path(),
-                    request_id = %request_id,
-                )
-            }))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|request: &Request<_>| {
+                        let request_id =
+                            request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+                        let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str());
+                        tracing::info_span!(
+                            "http request",
+                            otel.kind = "server",
+                            otel.name = %format!("{} {route}", request.method()),
+                            http.request.method = %request.method(),
+                            http.route = %route,
+                            url.path = %request.uri().path(),
+                            http.response.status_code = tracing::field::Empty,
+                            request_id = %request_id,
+                        )
+                    })
+                    .on_response(|response: &axum::http::Response<_>, latency: Duration, span: &tracing::Span| {
+                        span.record("http.response.status_code", response.status().as_u16());
+                        tracing::debug!(status = response.status().as_u16(), ?latency, "answered");
+                    }),
+            )
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout)),
     )
+}
+
+/// `smsflow_http_requests_total` and `smsflow_http_request_duration_seconds` by route and
+/// status: for a webhook, the duration is the time Plivo waits for its answer.
+async fn record_http_metrics(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("smsflow_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("smsflow_http_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    response
 }
 
 async fn not_found() -> IngressError {
@@ -146,6 +178,7 @@ async fn not_found() -> IngressError {
 /// (each one either got its confirm and answered 200, or answered 503) for at most the grace
 /// period, and closes the broker connection.
 pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    shared::telemetry::metrics();
     let broker_shutdown = CancellationToken::new();
     let publisher = Publisher::start(
         settings.amqp.clone(),

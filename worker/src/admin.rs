@@ -1,4 +1,4 @@
-//! The worker's small admin server: liveness and readiness for the orchestrator.
+//! The worker's small admin server: liveness and readiness for the orchestrator, and metrics.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +19,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
         .with_state(consuming);
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())

@@ -53,6 +53,42 @@ impl Session {
     }
 }
 
+/// A consumer span for deliveries (messaging semantic conventions): the first delivery's trace
+/// (from its `traceparent` header) is the parent, the others are linked.
+pub fn consumer_span(operation: &'static str, queue: &str, deliveries: &[&Delivery]) -> tracing::Span {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let span = tracing::info_span!(
+        "consume",
+        otel.name = %format!("{operation} {queue}"),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.name = operation,
+        messaging.destination.name = %queue,
+        messaging.batch.message_count = deliveries.len(),
+        messaging.message.id = tracing::field::Empty,
+        smsflow.message_id = tracing::field::Empty,
+        plivo.message_uuid = tracing::field::Empty,
+    );
+    if let [single] = deliveries
+        && let Some(id) = single.properties.message_id()
+    {
+        span.record("messaging.message.id", id.as_str());
+    }
+    let mut contexts =
+        deliveries.iter().map(|d| shared::amqp::headers::extract_context(d.properties.headers().as_ref()));
+    if let Some(first) = contexts.next() {
+        let _ = span.set_parent(first);
+    }
+    for context in contexts {
+        let linked = context.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+    span
+}
+
 /// How a consuming session ended.
 pub enum SessionEnd {
     Shutdown,
@@ -121,6 +157,8 @@ impl Rerouter {
     /// Parks a delivery that can never be processed, with the reason in a header.
     pub async fn dead_letter(&self, stream: Stream, delivery: &Delivery, reason: &str) -> Result<(), PublishError> {
         tracing::warn!(stream = stream.name(), reason, "dead-lettering a message");
+        metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => reason_kind(reason))
+            .increment(1);
         let properties = with_headers(delivery, &[(DEAD_LETTER_REASON_HEADER, header_text(reason))]);
         self.publisher
             .publish_to(&self.topology.dead_letter_exchange(), stream.name(), &delivery.data, properties)
@@ -138,6 +176,8 @@ impl Rerouter {
         match self.topology.retry_queue(stream, attempt as usize) {
             Some(queue) => {
                 tracing::info!(stream = stream.name(), attempt, reason, "retrying a message later");
+                metrics::counter!("smsflow_retries_total", "stream" => stream.name(), "reason" => reason_kind(reason))
+                    .increment(1);
                 let properties = with_headers(
                     delivery,
                     &[
@@ -155,6 +195,24 @@ impl Rerouter {
             }
         }
     }
+}
+
+/// A bounded label for a free-text reason (metrics must not grow a series per message).
+fn reason_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &str); 11] = [
+        ("not a JSON", "not_json"),
+        ("unsupported", "schema"),
+        ("callback has no", "missing_field"),
+        ("inbound message has no", "missing_field"),
+        ("unknown status", "unknown_status"),
+        ("invalid send job", "invalid_job"),
+        ("not a valid send job", "invalid_job"),
+        ("refused by the database", "database_refused"),
+        ("database", "database_unavailable"),
+        ("gave up after", "retries_exhausted"),
+        ("Plivo", "plivo"),
+    ];
+    KINDS.iter().find(|(prefix, _)| reason.starts_with(prefix)).map_or("other", |(_, kind)| kind)
 }
 
 fn header_text(text: &str) -> AMQPValue {

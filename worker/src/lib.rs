@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod broker;
 pub mod inbound;
+pub mod monitor;
 pub mod replay;
 pub mod send;
 pub mod status;
@@ -63,7 +64,14 @@ pub async fn run_with(
     admin: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    shared::telemetry::metrics();
     let topology = Topology::from_settings(&settings.amqp);
+    let monitor = tokio::spawn(monitor::poll_queue_depths(
+        settings.amqp.clone(),
+        topology.clone(),
+        std::time::Duration::from_secs(10),
+        shutdown.clone(),
+    ));
     // Publishing (dead letters, retries) has its own connection, closed after consuming stops.
     let publisher_shutdown = CancellationToken::new();
     let publisher = Publisher::start(
@@ -119,6 +127,7 @@ pub async fn run_with(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+    let _ = monitor.await;
     pool.close().await;
     result
 }

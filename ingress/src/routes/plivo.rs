@@ -21,11 +21,26 @@ use crate::AppState;
 use crate::error::IngressError;
 
 pub async fn status_callback(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
-    accept(&state, Stream::Status, request).await
+    counted(Stream::Status, accept(&state, Stream::Status, request).await)
 }
 
 pub async fn inbound_message(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
-    accept(&state, Stream::Inbound, request).await
+    counted(Stream::Inbound, accept(&state, Stream::Inbound, request).await)
+}
+
+/// `smsflow_callbacks_total{stream, result}`: ok, invalid_signature, missing_signature,
+/// rate_limited, unavailable (503) or rejected (any other refusal).
+fn counted(stream: Stream, result: Result<StatusCode, IngressError>) -> Result<StatusCode, IngressError> {
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(IngressError::InvalidSignature(_)) => "invalid_signature",
+        Err(IngressError::MissingSignature(_)) => "missing_signature",
+        Err(IngressError::RateLimited(..)) => "rate_limited",
+        Err(IngressError::Unavailable { .. }) => "unavailable",
+        Err(_) => "rejected",
+    };
+    metrics::counter!("smsflow_callbacks_total", "stream" => stream.name(), "result" => label).increment(1);
+    result
 }
 
 async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<StatusCode, IngressError> {
@@ -95,6 +110,7 @@ async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Res
     let span = tracing::info_span!(
         "publish",
         otel.kind = "producer",
+        otel.name = %format!("publish {}", state.exchange),
         messaging.system = "rabbitmq",
         messaging.operation.name = "publish",
         messaging.destination.name = %state.exchange,

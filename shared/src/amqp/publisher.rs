@@ -121,7 +121,11 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let live = self.current().ok_or(PublishError::Unavailable)?;
+        let started = std::time::Instant::now();
+        let Some(live) = self.current() else {
+            metrics::counter!("smsflow_publish_total", "result" => "unavailable").increment(1);
+            return Err(PublishError::Unavailable);
+        };
         let index = self.inner.next_channel.fetch_add(1, Ordering::Relaxed) % live.channels.len();
         let channel = &live.channels[index];
         let timeout_ms = self.inner.settings.confirm_timeout_ms;
@@ -141,6 +145,15 @@ impl Publisher {
         if matches!(result, Err(PublishError::Broker(_) | PublishError::Timeout(_))) {
             self.inner.suspect.notify_one();
         }
+        let outcome = match &result {
+            Ok(()) => "confirmed",
+            Err(PublishError::Timeout(_)) => "timeout",
+            Err(PublishError::Nacked) => "nacked",
+            Err(PublishError::Unroutable(_)) => "unroutable",
+            Err(_) => "error",
+        };
+        metrics::counter!("smsflow_publish_total", "result" => outcome).increment(1);
+        metrics::histogram!("smsflow_publish_confirm_seconds").record(started.elapsed().as_secs_f64());
         result
     }
 

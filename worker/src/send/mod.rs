@@ -25,6 +25,7 @@ use shared::domain::send::ValidSend;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use self::plivo::{PlivoClient, SendOutcome};
 use self::ratelimit::SenderRateLimiter;
@@ -71,7 +72,8 @@ impl SendPipeline {
                 next = session.consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let pipeline = self.clone();
-                        in_progress.spawn(async move { pipeline.handle(delivery).await });
+                        let span = broker::consumer_span("process", &self.topology.queue(Stream::Send), &[&delivery]);
+                        in_progress.spawn(async move { pipeline.handle(delivery).await }.instrument(span));
                     }
                     Some(Err(e)) => break SessionEnd::Lost(e.into()),
                     None => break SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
@@ -122,15 +124,18 @@ impl SendPipeline {
             }
         };
         let id = valid.id;
+        tracing::Span::current().record("smsflow.message_id", tracing::field::display(id));
         store::record_job(&self.pool, &valid).await?;
 
         if store::is_opted_out(&self.pool, valid.to.as_str(), valid.sender.as_str()).await? {
             store::finish(&self.pool, id, "rejected", "opted_out").await?;
+            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "opted_out").increment(1);
             tracing::info!(message_id = %id, to = %valid.to.masked(), "recipient opted out; not sent");
             return ack(delivery).await;
         }
 
-        self.limiter.acquire(valid.sender.as_str()).await;
+        let waited = self.limiter.acquire(valid.sender.as_str()).await;
+        metrics::histogram!("smsflow_send_rate_limiter_wait_seconds").record(waited.as_secs_f64());
         if store::claim(&self.pool, id).await?.is_none() {
             return self.not_claimed(delivery, &valid).await;
         }
@@ -150,6 +155,7 @@ impl SendPipeline {
                 DeliveryGuarantee::AtMostOnce => {
                     let reason = "a worker stopped during the Plivo call; not resent (at-most-once)";
                     store::mark_unknown(&self.pool, valid.id, reason).await?;
+                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "unknown").increment(1);
                     tracing::warn!(message_id = %valid.id, "send outcome unknown: {reason}");
                 }
                 DeliveryGuarantee::AtLeastOnce => {
@@ -158,6 +164,7 @@ impl SendPipeline {
                 }
             }
         } else {
+            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "duplicate").increment(1);
             tracing::info!(message_id = %valid.id, status, "duplicate send job; not sent again");
         }
         ack(delivery).await
@@ -197,6 +204,10 @@ impl SendPipeline {
         match outcome {
             SendOutcome::Accepted { message_uuid } => {
                 store::mark_submitted(&self.pool, id, message_uuid.as_deref()).await?;
+                metrics::counter!("smsflow_send_outcomes_total", "outcome" => "submitted").increment(1);
+                if let Some(uuid) = &message_uuid {
+                    tracing::Span::current().record("plivo.message_uuid", uuid.as_str());
+                }
                 tracing::info!(message_id = %id, message_uuid = message_uuid.as_deref().unwrap_or(""), "submitted to Plivo");
             }
             SendOutcome::Refused { status, error } => {
@@ -206,12 +217,16 @@ impl SendPipeline {
             }
             SendOutcome::Unknown { reason } if self.settings.sending.delivery == DeliveryGuarantee::AtMostOnce => {
                 store::mark_unknown(&self.pool, id, &reason).await?;
+                metrics::counter!("smsflow_send_outcomes_total", "outcome" => "unknown").increment(1);
                 tracing::warn!(message_id = %id, reason, "send outcome unknown; not resent (at-most-once)");
             }
             SendOutcome::NotSent { reason } | SendOutcome::Unknown { reason } => {
                 store::release_for_retry(&self.pool, id, &reason).await?;
                 if self.rerouter.retry_later(Stream::Send, delivery, &reason).await? == Rerouted::DeadLettered {
                     store::finish(&self.pool, id, "failed", &format!("gave up: {reason}")).await?;
+                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "failed").increment(1);
+                } else {
+                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "retry_scheduled").increment(1);
                 }
             }
         }

@@ -7,6 +7,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde_json::json;
 use shared::config::{HttpSettings, PlivoSettings, SendingSettings};
 use shared::domain::send::{Sender, ValidSend};
+use tracing::Instrument as _;
 
 /// What one call to Plivo means for the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub struct PlivoClient {
     auth_token: SecretString,
     callback_base: String,
     retry_statuses: Vec<u16>,
+    /// For spans: the API host, never the full URL (it carries the account id).
+    host: String,
 }
 
 impl PlivoClient {
@@ -45,6 +48,15 @@ impl PlivoClient {
             auth_token: plivo.auth_token.clone(),
             callback_base: format!("{}/plivo/callback", http.public_base_url),
             retry_statuses: sending.retry_statuses.clone(),
+            host: plivo
+                .api_base_url
+                .split("://")
+                .nth(1)
+                .unwrap_or_default()
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
         })
     }
 
@@ -69,11 +81,34 @@ impl PlivoClient {
         if let Some(expiry) = job.message_expiry {
             body["message_expiry"] = expiry.into();
         }
+        let span = tracing::info_span!(
+            "plivo send message",
+            otel.name = "POST /v1/Account/{auth_id}/Message/",
+            otel.kind = "client",
+            http.request.method = "POST",
+            server.address = %self.host,
+            url.template = "/v1/Account/{auth_id}/Message/",
+            http.response.status_code = tracing::field::Empty,
+        );
+        let started = std::time::Instant::now();
+        let outcome = self.call(&body).instrument(span.clone()).await;
+        let label = match &outcome {
+            SendOutcome::Accepted { .. } => "accepted",
+            SendOutcome::Refused { .. } => "refused",
+            SendOutcome::NotSent { .. } => "not_sent",
+            SendOutcome::Unknown { .. } => "unknown",
+        };
+        metrics::counter!("smsflow_plivo_calls_total", "outcome" => label).increment(1);
+        metrics::histogram!("smsflow_plivo_call_seconds", "outcome" => label).record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn call(&self, body: &serde_json::Value) -> SendOutcome {
         let response = self
             .http
             .post(&self.endpoint)
             .basic_auth(&self.auth_id, Some(self.auth_token.expose_secret()))
-            .json(&body)
+            .json(body)
             .send()
             .await;
         let response = match response {
@@ -85,6 +120,7 @@ impl PlivoClient {
             Err(e) => return SendOutcome::Unknown { reason: format!("no answer from Plivo: {}", without_url(&e)) },
         };
         let status = response.status().as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
         let text = match response.text().await {
             Ok(text) => text,
             Err(e) if (200..300).contains(&status) => {

@@ -15,6 +15,7 @@ use shared::config::WorkerSettings;
 use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::broker::{self, Rerouter, Session, SessionEnd};
 use crate::storage::{self, BatchOutcome};
@@ -73,7 +74,12 @@ impl StatusPipeline {
                     () = shutdown.cancelled() => break,
                 }
             }
-            if let Err(error) = self.process(&batch).await {
+            let span = broker::consumer_span(
+                "process",
+                &self.topology.queue(Stream::Status),
+                &batch.iter().collect::<Vec<_>>(),
+            );
+            if let Err(error) = self.process(&batch).instrument(span).await {
                 return SessionEnd::Lost(error);
             }
             if let Some(error) = stream_end {
@@ -98,8 +104,16 @@ impl StatusPipeline {
             }
         }
         let updates: Vec<_> = parsed.iter().map(|(_, u)| u.clone()).collect();
+        metrics::histogram!("smsflow_status_batch_size").record(batch.len() as f64);
+        let started = std::time::Instant::now();
         match self.write(&updates).await {
             Ok(outcome) => {
+                metrics::histogram!("smsflow_status_batch_commit_seconds").record(started.elapsed().as_secs_f64());
+                for update in &updates {
+                    metrics::counter!("smsflow_events_processed_total", "status" => update.status.as_str())
+                        .increment(1);
+                }
+                metrics::counter!("smsflow_events_recorded_total").increment(outcome.events_recorded);
                 tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed")
             }
             Err(e) if storage::is_transient(&e) => {
@@ -133,7 +147,16 @@ impl StatusPipeline {
 
     /// A few quick in-process retries for transient failures; longer outages go to the ladder.
     async fn write(&self, updates: &[event::StatusUpdate]) -> Result<BatchOutcome, sqlx::Error> {
-        (|| storage::apply_status_batch(&self.pool, updates))
+        let span = tracing::info_span!(
+            "db transaction",
+            otel.name = "apply_status_batch messages",
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "apply_status_batch",
+            db.collection.name = "messages",
+            db.operation.batch.size = updates.len(),
+        );
+        (|| storage::apply_status_batch(&self.pool, updates).instrument(span.clone()))
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
