@@ -120,3 +120,14 @@ async fn health_and_readiness_answer() {
     assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn metrics_count_callbacks_by_result() {
+    let app = spawn_app().await;
+    app.wait_ready().await;
+    assert_eq!(app.post_signed("/plivo/callback", &status_params("metric-1", "sent")).await.status(), 200);
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains(r#"smsflow_callbacks_total{stream="status",result="ok"}"#), "{text}");
+    assert!(text.contains("smsflow_publish_confirm_seconds_bucket"), "{text}");
+    assert!(text.contains("smsflow_http_request_duration_seconds_bucket"), "{text}");
+}

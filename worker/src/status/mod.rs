@@ -112,6 +112,11 @@ impl StatusPipeline {
                 for update in &updates {
                     metrics::counter!("smsflow_events_processed_total", "status" => update.status.as_str())
                         .increment(1);
+                    if let Some(code) = update.error_code {
+                        // Bounded: Plivo's error-code table has a few dozen entries.
+                        metrics::counter!("smsflow_delivery_errors_total", "error_code" => code.to_string())
+                            .increment(1);
+                    }
                 }
                 metrics::counter!("smsflow_events_recorded_total").increment(outcome.events_recorded);
                 tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed")

@@ -106,3 +106,37 @@ pub fn database_url(pool: &PgPool) -> String {
         options.get_database().expect("test database name")
     )
 }
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn the_admin_server_answers_health_readiness_and_metrics(pool: PgPool) {
+    let broker = TestBroker::new().await;
+    let settings = crate::helpers::settings_for(&broker);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(worker::run_with(settings, pool, Some(listener), shutdown.clone()));
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..100 {
+        if client.get(format!("{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready once every consumer is attached");
+    assert_eq!(client.get(format!("{admin}/healthz")).send().await.unwrap().status(), 200);
+    // Queue depths are polled every 10 s.
+    let expected = format!("smsflow_queue_messages{{queue=\"{}.status\"}}", broker.prefix);
+    let mut metrics = String::new();
+    for _ in 0..30 {
+        metrics = client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+        if metrics.contains(&expected) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(metrics.contains(&expected), "{metrics}");
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+}
