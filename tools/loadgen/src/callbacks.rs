@@ -1,0 +1,270 @@
+//! Signed Plivo status callbacks against an ingress: throughput, answer codes and ack latency,
+//! then the drain into PostgreSQL. Signing happens before the clock starts, so the tool
+//! measures the service, not itself.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use shared::plivo::form::encode_pairs;
+use shared::plivo::signature::{SignedRequest, sign_v3};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CallbackLoad {
+    /// Where to send (the ingress).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub ingress: String,
+    /// The public base URL the ingress verifies against (defaults to --ingress).
+    #[arg(long)]
+    pub public_base_url: Option<String>,
+    /// The Plivo auth token the ingress is configured with.
+    #[arg(long, env = "SMSFLOW_PLIVO__AUTH_TOKEN")]
+    pub auth_token: String,
+    /// Callbacks to send (three statuses per message, plus duplicates).
+    #[arg(long, default_value_t = 30_000)]
+    pub count: usize,
+    /// Keep-alive connections, each with one request in flight.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Requests per second in total; 0 sends as fast as the service answers.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Share of callbacks sent twice (as Plivo retries would).
+    #[arg(long, default_value_t = 0.05)]
+    pub duplicate_share: f64,
+    /// Share of messages whose callbacks are sent in reverse order.
+    #[arg(long, default_value_t = 0.1)]
+    pub out_of_order_share: f64,
+    /// PostgreSQL URL: when given, waits until every acknowledged event is stored.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Longest wait for the drain.
+    #[arg(long, default_value_t = 300)]
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CallbackReport {
+    pub sent: usize,
+    pub answers: BTreeMap<String, u64>,
+    pub transport_errors: u64,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub latency_ms: LatencyMs,
+    /// Distinct callbacks that got a 200.
+    pub acknowledged_events: usize,
+    pub stored_events: Option<i64>,
+    pub lost_events: Option<i64>,
+    /// From the last 200 to the last event committed.
+    pub drain_after_last_ack_seconds: Option<f64>,
+    /// Acknowledged events per second from the first request to the last commit.
+    pub end_to_end_events_per_second: Option<f64>,
+}
+
+struct Prepared {
+    body: String,
+    signature: String,
+    nonce: String,
+    /// (MessageUUID, Sequence): what one stored event is.
+    event: (String, u32),
+}
+
+/// A realistic Plivo status callback's fields (about 600 bytes as JSON).
+pub fn plivo_fields(message_uuid: &str, status: &str, sequence: u32) -> Vec<(String, String)> {
+    let error = if status == "undelivered" { "30" } else { "" };
+    [
+        ("Status", status),
+        ("To", "14155552671"),
+        ("MessageUUID", message_uuid),
+        ("From", "14155559999"),
+        ("TotalRate", "0.00650"),
+        ("Units", "1"),
+        ("TotalAmount", "0.00650"),
+        ("Type", "sms"),
+        ("MCC", "310"),
+        ("MNC", "260"),
+        ("ErrorCode", error),
+        ("ParentMessageUUID", message_uuid),
+        ("PartInfo", "1 of 1"),
+        ("Sequence", &sequence.to_string()),
+        ("PowerpackUUID", ""),
+        ("MessageTime", "2026-11-27 10:00:00.000001"),
+        ("QueuedTime", "2026-11-27 10:00:00.100001"),
+        ("SentTime", if sequence >= 2 { "2026-11-27 10:00:01.000001" } else { "" }),
+        ("DeliveryReportTime", if sequence >= 3 { "2026-11-27 10:00:05.000001" } else { "" }),
+        ("requester_ip", "203.0.113.17"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// The run's callbacks, signed. Message UUIDs carry `run_id` so the drain counts only them.
+fn prepare(load: &CallbackLoad, run_id: &str) -> anyhow::Result<Vec<Prepared>> {
+    let public = load.public_base_url.as_deref().unwrap_or(&load.ingress);
+    let url = format!("{public}/plivo/callback");
+    let messages = load.count.div_ceil(3).max(1);
+    let mut prepared = Vec::with_capacity(load.count);
+    'outer: for m in 0..messages {
+        let uuid = format!("lg-{run_id}-{m:08}");
+        let last = if m % 10 == 0 { "undelivered" } else { "delivered" };
+        let mut statuses = vec![("queued", 1), ("sent", 2), (last, 3)];
+        if rand::random::<f64>() < load.out_of_order_share {
+            statuses.reverse();
+        }
+        for (status, sequence) in statuses {
+            let params = plivo_fields(&uuid, status, sequence);
+            let copies = if rand::random::<f64>() < load.duplicate_share { 2 } else { 1 };
+            for _ in 0..copies {
+                if prepared.len() == load.count {
+                    break 'outer;
+                }
+                let nonce: String = (0..20).map(|_| char::from(b'0' + rand::random_range(0..10u8))).collect();
+                let signature = sign_v3(
+                    &load.auth_token,
+                    &SignedRequest { method: "POST", url: &url, body: &params, nonce: &nonce },
+                )?;
+                prepared.push(Prepared {
+                    body: encode_pairs(&params),
+                    signature,
+                    nonce,
+                    event: (uuid.clone(), sequence),
+                });
+            }
+        }
+    }
+    Ok(prepared)
+}
+
+pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let prepared = Arc::new(prepare(load, &run_id)?);
+    let url = format!("{}/plivo/callback", load.ingress);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..load.connections.max(1) {
+        let (prepared, next, url) = (prepared.clone(), next.clone(), url.clone());
+        let rate = load.rate;
+        tasks.push(tokio::spawn(async move {
+            // One keep-alive connection per task.
+            let client = reqwest::Client::builder()
+                .http1_only()
+                .pool_max_idle_per_host(1)
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+            let mut errors = 0u64;
+            let mut acked: Vec<usize> = Vec::new();
+            let mut last_ack = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = prepared.get(i) else { break };
+                if rate > 0.0 {
+                    tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+                }
+                let sent_at = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("x-plivo-signature-v3", &item.signature)
+                    .header("x-plivo-signature-v3-nonce", &item.nonce)
+                    .body(item.body.clone())
+                    .send()
+                    .await;
+                let micros = sent_at.elapsed().as_micros() as u64;
+                match response {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        latency.record(micros.max(1))?;
+                        *answers.entry(status.to_string()).or_default() += 1;
+                        if status == 200 {
+                            acked.push(i);
+                            last_ack = Some(Instant::now());
+                        }
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((latency, answers, errors, acked, last_ack))
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut answers: BTreeMap<String, u64> = BTreeMap::new();
+    let mut transport_errors = 0;
+    let mut acknowledged: HashSet<(String, u32)> = HashSet::new();
+    let mut last_ack: Option<Instant> = None;
+    for task in tasks {
+        let (h, a, e, acked, last) = task.await??;
+        latency.add(h)?;
+        for (k, v) in a {
+            *answers.entry(k).or_default() += v;
+        }
+        transport_errors += e;
+        acknowledged.extend(acked.into_iter().map(|i| prepared[i].event.clone()));
+        last_ack = last_ack.max(last);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let mut report = CallbackReport {
+        sent: prepared.len(),
+        answers,
+        transport_errors,
+        seconds,
+        requests_per_second: prepared.len() as f64 / seconds,
+        latency_ms: LatencyMs {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: latency.max() as f64 / 1000.0,
+        },
+        acknowledged_events: acknowledged.len(),
+        stored_events: None,
+        lost_events: None,
+        drain_after_last_ack_seconds: None,
+        end_to_end_events_per_second: None,
+    };
+    if let Some(database_url) = &load.database_url {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(database_url).await?;
+        let pattern = format!("lg-{run_id}-%");
+        let deadline = Instant::now() + Duration::from_secs(load.drain_timeout_secs);
+        let mut stored: i64;
+        loop {
+            stored = sqlx::query_scalar("SELECT count(*) FROM message_events WHERE message_uuid LIKE $1")
+                .bind(&pattern)
+                .fetch_one(&pool)
+                .await?;
+            if stored >= acknowledged.len() as i64 || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drained = Instant::now();
+        let rows: Vec<(String, Option<i64>)> =
+            sqlx::query_as("SELECT message_uuid, sequence FROM message_events WHERE message_uuid LIKE $1")
+                .bind(&pattern)
+                .fetch_all(&pool)
+                .await?;
+        let stored_set: HashSet<(String, u32)> = rows.into_iter().map(|(u, s)| (u, s.unwrap_or(0) as u32)).collect();
+        report.stored_events = Some(stored);
+        report.lost_events = Some(acknowledged.difference(&stored_set).count() as i64);
+        report.drain_after_last_ack_seconds = last_ack.map(|t| drained.saturating_duration_since(t).as_secs_f64());
+        report.end_to_end_events_per_second = Some(stored as f64 / drained.duration_since(started).as_secs_f64());
+    }
+    Ok(report)
+}
