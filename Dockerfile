@@ -23,4 +23,8 @@ COPY --from=build /out/ /usr/local/bin/
 USER 10001
 ENV SMSFLOW_TELEMETRY__LOG_FORMAT=json
 EXPOSE 8080 9090
+# For the default command (the ingress). The image carries no HTTP client: bash's /dev/tcp asks
+# /readyz. Override per service (the worker's admin port is 9090).
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080 && printf 'GET /readyz HTTP/1.0\\r\\n\\r\\n' >&3 && head -1 <&3 | grep -q ' 200 '"]
 CMD ["smsflow-ingress"]
