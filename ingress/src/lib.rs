@@ -192,19 +192,17 @@ pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: Can
     tracing::info!(%address, "ingress listening");
 
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let mut server = tokio::spawn(server.into_future());
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
     let outcome = tokio::select! {
-        result = &mut server => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
+        result = &mut server => result.map_err(anyhow::Error::from),
         () = shutdown.cancelled() => {
             tracing::info!("shutting down: draining in-flight requests");
             let grace = Duration::from_millis(settings.http.shutdown_grace_ms);
             match tokio::time::timeout(grace, &mut server).await {
-                Ok(result) => result.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)),
-                Err(_) => {
-                    server.abort();
-                    Err(anyhow::anyhow!("in-flight requests did not finish within the {} ms grace period", grace.as_millis()))
-                }
+                Ok(result) => result.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("in-flight requests did not finish within the {} ms grace period", grace.as_millis())),
             }
         }
     };

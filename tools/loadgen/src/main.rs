@@ -18,9 +18,12 @@ enum Command {
     Callbacks {
         #[command(flatten)]
         load: callbacks::CallbackLoad,
-        /// Measure the ceiling in the same run (needs --database-url) and print ratios to it.
-        #[arg(long)]
+        /// Measure the ceiling in the same run and print ratios to it.
+        #[arg(long, requires = "ceiling_database_url")]
         with_ceiling: bool,
+        /// A migrated smsflow database for the ceiling's upsert measurement.
+        #[arg(long)]
+        ceiling_database_url: Option<String>,
         #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
         ceiling_amqp_url: String,
         #[arg(long, default_value_t = 50_000)]
@@ -51,10 +54,9 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Callbacks { load, with_ceiling, ceiling_amqp_url, ceiling_count } => {
+        Command::Callbacks { load, with_ceiling, ceiling_database_url, ceiling_amqp_url, ceiling_count } => {
             let ceiling = if with_ceiling {
-                let database_url =
-                    load.database_url.clone().ok_or_else(|| anyhow::anyhow!("--with-ceiling needs --database-url"))?;
+                let database_url = ceiling_database_url.unwrap_or_default();
                 let args = ceiling::CeilingArgs {
                     amqp_url: ceiling_amqp_url,
                     database_url,

@@ -121,6 +121,8 @@ pub struct Stats {
     pub refused_unauthorized: u64,
     pub refused_invalid: u64,
     pub refused_rate_limited: u64,
+    /// Requests answered with an injected fault (`/_sim/faults`).
+    pub faulted: u64,
     pub callback_attempts: u64,
     pub callbacks_acknowledged: u64,
     pub callbacks_given_up: u64,
@@ -135,12 +137,43 @@ struct Counters {
     unauthorized: AtomicU64,
     invalid: AtomicU64,
     rate_limited: AtomicU64,
+    faulted: AtomicU64,
     callback_attempts: AtomicU64,
     acknowledged: AtomicU64,
     given_up: AtomicU64,
 }
 
+/// A fault the simulator plays on the Send Message API for a while (`POST /_sim/faults`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer 500 without creating a message.
+    ServerError,
+    /// Answer 429 without creating a message.
+    RateLimited,
+    /// Create the message (its story plays) but answer only after `hold_ms`: the client times out.
+    AcceptThenHang,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct FaultRequest {
+    fault: Option<Fault>,
+    #[serde(default = "default_fault_ms")]
+    for_ms: u64,
+    #[serde(default = "default_hold_ms")]
+    hold_ms: u64,
+}
+
+fn default_fault_ms() -> u64 {
+    10_000
+}
+
+fn default_hold_ms() -> u64 {
+    30_000
+}
+
 struct Sim {
+    faults: Mutex<Option<(Fault, std::time::Instant, u64)>>,
     config: SimConfig,
     http: reqwest::Client,
     limiter: TokenBucket,
@@ -161,6 +194,7 @@ fn router(sim: Shared) -> Router {
         .route("/_sim/stats", get(stats))
         .route("/_sim/external", post(external_story))
         .route("/_sim/inbound", post(inbound))
+        .route("/_sim/faults", post(set_fault))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(sim)
 }
@@ -170,6 +204,7 @@ pub async fn run(config: SimConfig, listener: TcpListener, shutdown: Cancellatio
     let http = reqwest::Client::builder().timeout(config.answer_timeout()).build()?;
     let limiter = TokenBucket::new(config.rate_limit, config.rate_limit.max(1.0));
     let sim = Arc::new(Sim {
+        faults: Mutex::new(None),
         config,
         http,
         limiter,
@@ -214,6 +249,27 @@ async fn send_message(
         sim.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::TOO_MANY_REQUESTS, "too many requests");
     }
+    let fault = {
+        let mut faults = sim.faults.lock().unwrap_or_else(|e| e.into_inner());
+        match *faults {
+            Some((fault, until, hold_ms)) if std::time::Instant::now() < until => Some((fault, hold_ms)),
+            _ => {
+                *faults = None;
+                None
+            }
+        }
+    };
+    match fault {
+        Some((Fault::ServerError, _)) => {
+            sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
+            return plivo_error(StatusCode::INTERNAL_SERVER_ERROR, "internal server error");
+        }
+        Some((Fault::RateLimited, _)) => {
+            sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
+            return plivo_error(StatusCode::TOO_MANY_REQUESTS, "too many requests");
+        }
+        _ => {}
+    }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         sim.counters.invalid.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::BAD_REQUEST, "invalid JSON body");
@@ -248,11 +304,22 @@ async fn send_message(
             start_story(&sim, message_uuid, src.clone(), dst.to_owned(), url.clone(), method.clone(), story, false);
         }
     }
+    if let Some((Fault::AcceptThenHang, hold_ms)) = fault {
+        // The message exists and its story plays, but the answer comes too late.
+        sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    }
     (
         StatusCode::ACCEPTED,
         Json(json!({ "api_id": uuid::Uuid::new_v4(), "message": "message(s) queued", "message_uuid": uuids })),
     )
         .into_response()
+}
+
+async fn set_fault(State(sim): State<Shared>, Json(request): Json<FaultRequest>) -> StatusCode {
+    let until = std::time::Instant::now() + Duration::from_millis(request.for_ms);
+    *sim.faults.lock().unwrap_or_else(|e| e.into_inner()) = request.fault.map(|f| (f, until, request.hold_ms));
+    StatusCode::NO_CONTENT
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -400,6 +467,7 @@ async fn stats(State(sim): State<Shared>) -> Json<Stats> {
         refused_unauthorized: c.unauthorized.load(Ordering::Relaxed),
         refused_invalid: c.invalid.load(Ordering::Relaxed),
         refused_rate_limited: c.rate_limited.load(Ordering::Relaxed),
+        faulted: c.faulted.load(Ordering::Relaxed),
         callback_attempts: c.callback_attempts.load(Ordering::Relaxed),
         callbacks_acknowledged: c.acknowledged.load(Ordering::Relaxed),
         callbacks_given_up: c.given_up.load(Ordering::Relaxed),

@@ -1,0 +1,441 @@
+//! The reliability harness: the whole system (ingress, worker, Plivo simulator) against the
+//! real RabbitMQ and PostgreSQL, with steady traffic, one injected fault, and exact counts
+//! afterwards. Scenarios live in `tests/suite.rs`; `SMSFLOW_RELIABILITY=long` runs the long
+//! profile (more traffic, the full outage durations).
+//!
+//! Faults are injected from outside the services, as in production: the broker and the
+//! database sit behind TCP proxies that can cut every connection, the simulator plays Plivo's
+//! failures, and a service is stopped either gracefully (its shutdown signal) or abruptly (its
+//! task aborted: connections drop, nothing is flushed, like SIGKILL from the broker's and the
+//! database's point of view).
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use plivo_sim::{SimConfig, SimMessage, Stats};
+use secrecy::SecretString;
+use serde::Serialize;
+use shared::amqp::Stream;
+use shared::testing::{
+    CuttableProxy, TEST_AUTH_TOKEN, TestBroker, amqp_address, base_ingress_settings, base_worker_settings,
+};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const API_TOKEN: &str = "reliability-api-token-0123";
+const SIM_AUTH_ID: &str = "MASIMULATOR000000001";
+const SENDER: &str = "+14155559999";
+
+/// Short (CI) or long (on demand) profile.
+pub fn long_profile() -> bool {
+    std::env::var("SMSFLOW_RELIABILITY").is_ok_and(|v| v == "long")
+}
+
+/// One row of docs/reliability.md.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub traffic: String,
+    pub fault: String,
+    pub jobs: usize,
+    pub callbacks_acknowledged: usize,
+    pub events_stored: usize,
+    pub lost: usize,
+    pub status_mismatches: usize,
+    pub duplicate_sends: usize,
+    pub unknown: usize,
+    pub dead_letters: u32,
+    pub recovery_seconds: f64,
+}
+
+impl Outcome {
+    /// Appends the row to `$SMSFLOW_RELIABILITY_OUT` (default target/reliability.jsonl).
+    pub fn record(&self) {
+        use std::io::Write as _;
+        let path = std::env::var("SMSFLOW_RELIABILITY_OUT").unwrap_or_else(|_| "reliability.jsonl".into());
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{}", serde_json::to_string(self).unwrap_or_default());
+        }
+        eprintln!("{}", serde_json::to_string(self).unwrap_or_default());
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// The system under test.
+pub struct System {
+    pub broker: TestBroker,
+    pub pool: PgPool,
+    /// The ingress's way to the broker.
+    pub broker_proxy: CuttableProxy,
+    /// The worker's ways to the broker and the database: cut when it is killed, so its
+    /// connections die with it as they would with the process.
+    pub worker_broker_proxy: CuttableProxy,
+    pub database_proxy: CuttableProxy,
+    pub sim_url: String,
+    pub ingress_addr: SocketAddr,
+    pub client: reqwest::Client,
+    sim_shutdown: CancellationToken,
+    ingress: Option<Running>,
+    worker: Option<Running>,
+    pub worker_settings: shared::config::WorkerSettings,
+    ingress_settings: shared::config::IngressSettings,
+}
+
+impl System {
+    /// Starts the simulator, the ingress and the worker; broker and database through proxies.
+    pub async fn start(pool: PgPool, sim: SimConfig) -> Self {
+        let broker = TestBroker::with_retry_delays(vec![1000, 2000, 5000, 10_000, 30_000]).await;
+        let broker_proxy = CuttableProxy::start(amqp_address()).await;
+        let worker_broker_proxy = CuttableProxy::start(amqp_address()).await;
+        let options = pool.connect_options();
+        let pg = tokio::net::lookup_host(format!("{}:{}", options.get_host(), options.get_port()))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let database_proxy = CuttableProxy::start(pg).await;
+
+        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
+        let sim_shutdown = CancellationToken::new();
+        tokio::spawn(plivo_sim::run(sim, sim_listener, sim_shutdown.clone()));
+
+        let ingress_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ingress_addr = ingress_listener.local_addr().unwrap();
+        let mut amqp = broker.amqp_settings();
+        amqp.url = SecretString::from(broker_proxy.amqp_url());
+        amqp.reconnect_give_up_ms = 600_000;
+        let mut ingress_settings = base_ingress_settings();
+        ingress_settings.amqp = amqp.clone();
+        ingress_settings.http.public_base_url = format!("http://{ingress_addr}");
+        ingress_settings.api.tokens = vec![SecretString::from(API_TOKEN)];
+        ingress_settings.api.rate_per_second = 10_000;
+        ingress_settings.api.burst = 10_000;
+        ingress_settings.plivo.default_sender = SENDER.into();
+        let mut worker_settings = base_worker_settings();
+        worker_settings.amqp = amqp;
+        worker_settings.amqp.url = SecretString::from(worker_broker_proxy.amqp_url());
+        worker_settings.http.public_base_url = format!("http://{ingress_addr}");
+        worker_settings.plivo.api_base_url = sim_url.clone();
+        worker_settings.plivo.auth_id = SIM_AUTH_ID.into();
+        worker_settings.plivo.default_sender = SENDER.into();
+        worker_settings.plivo.request_timeout_ms = 2000;
+        worker_settings.sending.sender_rate_per_second = 1000.0;
+        worker_settings.sending.sender_burst = 1000;
+
+        let mut system = Self {
+            broker,
+            pool,
+            broker_proxy,
+            worker_broker_proxy,
+            database_proxy,
+            sim_url,
+            ingress_addr,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+            sim_shutdown,
+            ingress: None,
+            worker: None,
+            worker_settings,
+            ingress_settings,
+        };
+        system.ingress = Some(system.spawn_ingress(ingress_listener));
+        system.start_worker();
+        system.wait_ready().await;
+        system
+    }
+
+    fn spawn_ingress(&self, listener: tokio::net::TcpListener) -> Running {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ingress::run(self.ingress_settings.clone(), listener, shutdown.clone()));
+        Running { shutdown, task }
+    }
+
+    /// A pool to the test database through the database proxy (what the worker uses).
+    fn proxied_pool(&self) -> PgPool {
+        let options = self.pool.connect_options();
+        PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy_with(options.as_ref().clone().host("127.0.0.1").port(self.database_proxy.address.port()))
+    }
+
+    pub fn start_worker(&mut self) {
+        self.worker_broker_proxy.restore();
+        self.database_proxy.restore();
+        let shutdown = CancellationToken::new();
+        let task =
+            tokio::spawn(worker::run_with(self.worker_settings.clone(), self.proxied_pool(), None, shutdown.clone()));
+        self.worker = Some(Running { shutdown, task });
+    }
+
+    /// The worker dies at once: nothing is flushed or acked (like SIGKILL).
+    pub async fn kill_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.task.abort();
+            self.worker_broker_proxy.cut();
+            self.database_proxy.cut();
+            let _ = worker.task.await;
+        }
+    }
+
+    /// Every broker connection (ingress and worker) cut, and new ones refused.
+    pub fn cut_broker(&self) {
+        self.broker_proxy.cut();
+        self.worker_broker_proxy.cut();
+    }
+
+    pub fn restore_broker(&self) {
+        self.broker_proxy.restore();
+        self.worker_broker_proxy.restore();
+    }
+
+    /// The ingress stops: gracefully (drains in-flight requests) or at once.
+    pub async fn stop_ingress(&mut self, graceful: bool) {
+        if let Some(ingress) = self.ingress.take() {
+            if graceful {
+                ingress.shutdown.cancel();
+                let _ = ingress.task.await;
+            } else {
+                ingress.task.abort();
+                let _ = ingress.task.await;
+            }
+        }
+    }
+
+    /// Starts the ingress again on the same address (Plivo keeps calling the same URL).
+    pub async fn restart_ingress(&mut self) {
+        let mut listener = None;
+        for _ in 0..50 {
+            if let Ok(l) = tokio::net::TcpListener::bind(self.ingress_addr).await {
+                listener = Some(l);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.ingress = Some(self.spawn_ingress(listener.expect("the ingress address is free again")));
+        self.wait_ready().await;
+    }
+
+    pub async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if self
+                .client
+                .get(format!("http://{}/readyz", self.ingress_addr))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the ingress did not become ready");
+    }
+
+    /// A traffic source that runs on its own task while faults act on the system.
+    pub fn traffic(&self) -> Traffic {
+        Traffic { client: self.client.clone(), url: format!("http://{}/v1/messages", self.ingress_addr) }
+    }
+
+    pub async fn sim_stats(&self) -> Stats {
+        self.client.get(format!("{}/_sim/stats", self.sim_url)).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn set_fault(&self, fault: &str, for_ms: u64, hold_ms: u64) {
+        let body = serde_json::json!({"fault": fault, "for_ms": for_ms, "hold_ms": hold_ms});
+        self.client.post(format!("{}/_sim/faults", self.sim_url)).json(&body).send().await.unwrap();
+    }
+
+    /// Waits until every job reached Plivo or ended, every story was played, and every
+    /// acknowledged callback is stored; returns the seconds it took.
+    pub async fn settle(&self, jobs: &[String], timeout: Duration) -> f64 {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            let stats = self.sim_stats().await;
+            let unsettled: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM messages WHERE id::text = ANY($1) AND status IN ('accepted', 'sending')",
+            )
+            .bind(jobs)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(i64::MAX);
+            let known: i64 = sqlx::query_scalar("SELECT count(*) FROM messages WHERE id::text = ANY($1)")
+                .bind(jobs)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(0);
+            if stats.stories_pending == 0 && unsettled == 0 && known as usize == jobs.len() {
+                let truth = self.truth().await;
+                let acknowledged = acknowledged(&truth);
+                if self.stored(&acknowledged).await == acknowledged.len() {
+                    return started.elapsed().as_secs_f64();
+                }
+            }
+            if Instant::now() > deadline {
+                return started.elapsed().as_secs_f64();
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn truth(&self) -> Vec<SimMessage> {
+        self.client.get(format!("{}/_sim/messages", self.sim_url)).send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn stored(&self, acknowledged: &HashSet<(String, i64)>) -> usize {
+        let rows: Vec<(Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT message_uuid, sequence FROM message_events")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap_or_default();
+        let stored: HashSet<(String, i64)> = rows.into_iter().filter_map(|(u, s)| Some((u?, s.unwrap_or(0)))).collect();
+        acknowledged.intersection(&stored).count()
+    }
+
+    /// Counts everything the guarantees promise.
+    pub async fn verify(
+        &self,
+        scenario: &str,
+        traffic: String,
+        fault: &str,
+        jobs: &[String],
+        recovery_seconds: f64,
+    ) -> Outcome {
+        let truth = self.truth().await;
+        let acknowledged = acknowledged(&truth);
+        let stored = self.stored(&acknowledged).await;
+        let rows: Vec<(uuid::Uuid, Option<String>, String, Option<i32>)> =
+            sqlx::query_as("SELECT id, message_uuid, status, error_code FROM messages")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        let by_uuid: HashMap<&str, (&str, Option<i32>)> =
+            rows.iter().filter_map(|(_, u, s, e)| Some((u.as_deref()?, (s.as_str(), *e)))).collect();
+        let unknown = rows.iter().filter(|(_, _, s, _)| s == "unknown").count();
+        // A message Plivo accepted while we timed out is ours but stays `unknown` or is found
+        // later through its callbacks; compare statuses for messages with a row by MessageUUID.
+        let status_mismatches = truth
+            .iter()
+            .filter(|m| m.callbacks.iter().any(|c| c.acknowledged))
+            .filter(|m| match by_uuid.get(m.message_uuid.as_str()) {
+                None => true,
+                Some((status, code)) => *status != m.final_status || *code != m.error_code.map(|c| c as i32),
+            })
+            .count();
+        let mut per_job: HashMap<String, usize> = HashMap::new();
+        for message in &truth {
+            if let Some(reference) = message.url.split("ref=").nth(1) {
+                *per_job.entry(reference.to_owned()).or_default() += 1;
+            }
+        }
+        let duplicate_sends = per_job.values().map(|n| n.saturating_sub(1)).sum();
+        let mut dead_letters = 0;
+        for stream in Stream::ALL {
+            dead_letters += self.broker.len(&self.broker.topology.dead_letter_queue(stream)).await;
+        }
+        Outcome {
+            scenario: scenario.into(),
+            traffic,
+            fault: fault.into(),
+            jobs: jobs.len(),
+            callbacks_acknowledged: acknowledged.len(),
+            events_stored: stored,
+            lost: acknowledged.len() - stored,
+            status_mismatches,
+            duplicate_sends,
+            unknown,
+            dead_letters,
+            recovery_seconds: (recovery_seconds * 10.0).round() / 10.0,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_ingress(true).await;
+        if let Some(worker) = self.worker.take() {
+            worker.shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(15), worker.task).await;
+        }
+        self.sim_shutdown.cancel();
+    }
+}
+
+/// Send jobs over HTTP, as a client would: a refused request is retried with the same
+/// idempotency key (so a retry is never a second SMS).
+#[derive(Clone)]
+pub struct Traffic {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Traffic {
+    /// `count` jobs at `per_second`; returns the ids that got a 202.
+    pub async fn send(self, count: usize, per_second: f64) -> Vec<String> {
+        let started = Instant::now();
+        let results: Vec<Option<String>> = futures_util::stream::iter(0..count)
+            .map(|i| {
+                let (client, url) = (self.client.clone(), self.url.clone());
+                async move {
+                    tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / per_second)).into()).await;
+                    for _ in 0..240 {
+                        let body = serde_json::json!({"to": format!("+1415555{:04}", i % 9000), "text": format!("reliability {i}")});
+                        let response = client
+                            .post(&url)
+                            .bearer_auth(API_TOKEN)
+                            .header("Idempotency-Key", format!("job-{i}"))
+                            .json(&body)
+                            .send()
+                            .await;
+                        if let Ok(response) = response
+                            && response.status() == 202
+                        {
+                            return response.json::<serde_json::Value>().await.ok()?["id"].as_str().map(str::to_owned);
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    None
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let mut ids: Vec<String> = results.into_iter().flatten().collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+}
+
+/// Distinct callbacks (MessageUUID, Sequence) the ingress answered 2xx.
+fn acknowledged(truth: &[SimMessage]) -> HashSet<(String, i64)> {
+    truth
+        .iter()
+        .flat_map(|m| {
+            m.callbacks.iter().filter(|c| c.acknowledged).map(|c| (m.message_uuid.clone(), i64::from(c.sequence)))
+        })
+        .collect()
+}
+
+/// The simulator as the suite uses it: Plivo's stories and retry schedule, compressed.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        auth_id: SIM_AUTH_ID.into(),
+        auth_token: TEST_AUTH_TOKEN.into(),
+        rate_limit: 5000.0,
+        weights: plivo_sim::story::StoryWeights { delivered: 80, undelivered: 8, failed: 6, sent_only: 6 },
+        latency_ms: 1000,
+        duplicate_share: 0.05,
+        out_of_order_share: 0.05,
+        // Plivo's retries after 60/120/240 s become 6/12/24 s: a 20-30 s outage is survived.
+        time_scale: 0.1,
+    }
+}
