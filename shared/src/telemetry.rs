@@ -50,13 +50,18 @@ pub fn tracer_provider(service: &'static str, settings: &TelemetrySettings) -> a
     let mut builder = SdkTracerProvider::builder()
         .with_sampler(sampler)
         .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build());
-    if !settings.otlp_endpoint.is_empty() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+    // The standard OTEL_EXPORTER_OTLP_* variables switch export on too (and configure it).
+    let from_environment = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var(name).is_ok_and(|v| !v.is_empty()));
+    if !settings.otlp_endpoint.is_empty() || from_environment {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(settings.otlp_endpoint.clone())
-            .build()?;
-        builder = builder.with_batch_exporter(exporter);
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+        if !settings.otlp_endpoint.is_empty() {
+            exporter = exporter.with_endpoint(settings.otlp_endpoint.clone());
+        }
+        builder = builder.with_batch_exporter(exporter.build()?);
     }
     Ok(builder.build())
 }
