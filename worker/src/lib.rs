@@ -10,6 +10,7 @@ pub mod broker;
 pub mod inbound;
 pub mod monitor;
 pub mod replay;
+pub mod retry;
 pub mod send;
 pub mod status;
 pub mod storage;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable as _};
+use backon::Retryable as _;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -184,13 +184,7 @@ impl SendPipeline {
             }
         };
         let retried = attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(self.settings.sending.in_process_retries)
-                    .with_jitter(),
-            )
+            .retry(crate::retry::quick(Duration::from_millis(200), self.settings.sending.in_process_retries))
             .notify(
                 |reason, wait| tracing::info!(message_id = %valid.id, reason, ?wait, "Plivo call not made; retrying"),
             )

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable as _};
+use backon::Retryable as _;
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
@@ -162,13 +162,7 @@ impl StatusPipeline {
             db.operation.batch.size = updates.len(),
         );
         (|| storage::apply_status_batch(&self.pool, updates).instrument(span.clone()))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(self.settings.worker.in_process_retries)
-                    .with_jitter(),
-            )
+            .retry(crate::retry::quick(Duration::from_millis(100), self.settings.worker.in_process_retries))
             .when(storage::is_transient)
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "status batch failed; retrying"))
             .await
