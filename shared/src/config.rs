@@ -78,7 +78,7 @@ pub fn load_with_env<T: DeserializeOwned + Validate>(
             None => EnvVar {
                 source: format!("environment variable {name}"),
                 key: env_name_to_key(name),
-                value: value.parse().unwrap_or_else(|_| Value::from(value.clone())),
+                value: typed_env_value(value),
             },
         };
         figment = figment.merge(var);
@@ -104,6 +104,19 @@ impl Provider for EnvVar {
     fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
         Serialized::default(&self.key, &self.value).data()
     }
+}
+
+/// Types an environment value as figment would (`500` a number, `true` a bool, `[a, b]` a list),
+/// except text whose number form would lose characters: `+14155550100` (a phone number) and
+/// `0042` (leading zeros) stay strings, exactly as written.
+fn typed_env_value(raw: &str) -> Value {
+    let digits = raw.strip_prefix('+').unwrap_or(raw);
+    let keeps_text =
+        raw.starts_with('+') || (digits.len() > 1 && digits.starts_with('0') && digits.as_bytes()[1].is_ascii_digit());
+    if keeps_text {
+        return Value::from(raw.to_owned());
+    }
+    raw.parse().unwrap_or_else(|_| Value::from(raw.to_owned()))
 }
 
 /// `SMSFLOW_PLIVO__AUTH_TOKEN` → `plivo.auth_token`.

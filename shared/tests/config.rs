@@ -55,14 +55,19 @@ fn numeric_looking_values_still_work_for_string_and_secret_fields() {
     let vars = env(&[
         ("SMSFLOW_PLIVO__AUTH_TOKEN", "0012345"),
         ("SMSFLOW_PLIVO__AUTH_ID", "123456"),
-        ("SMSFLOW_PLIVO__DEFAULT_SENDER", "14155550100"),
+        ("SMSFLOW_PLIVO__DEFAULT_SENDER", "+14155550100"),
         ("SMSFLOW_AMQP__PREFIX", "42"),
+        ("SMSFLOW_AMQP__PREFETCH", "500"),
+        ("SMSFLOW_TELEMETRY__SAMPLE_RATIO", "0.5"),
     ]);
     let s: IngressSettings = load_with_env(None, vars).unwrap();
     assert_eq!(s.plivo.auth_id, "123456");
-    assert_eq!(s.plivo.default_sender, "14155550100");
+    assert_eq!(s.plivo.default_sender, "+14155550100", "a phone number keeps its +");
+    assert_eq!(s.plivo.auth_token.expose_secret(), "0012345", "leading zeros are kept");
     assert_eq!(s.amqp.prefix, "42");
-    // Leading zeros are lost when a value is typed as a number; quoting keeps them.
+    assert_eq!(s.amqp.prefetch, 500);
+    assert_eq!(s.telemetry.sample_ratio, 0.5);
+    // Quoting still works, as figment documents it.
     let quoted: IngressSettings = load_with_env(None, env(&[("SMSFLOW_PLIVO__AUTH_TOKEN", "\"0012345\"")])).unwrap();
     assert_eq!(quoted.plivo.auth_token.expose_secret(), "0012345");
 }

@@ -66,6 +66,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     shared::telemetry::metrics();
+    shared::telemetry::spawn_metrics_upkeep();
     let topology = Topology::from_settings(&settings.amqp);
     let monitor = tokio::spawn(monitor::poll_queue_depths(
         settings.amqp.clone(),

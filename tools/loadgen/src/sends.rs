@@ -29,6 +29,8 @@ pub struct SendReport {
     pub jobs: usize,
     pub accepted: usize,
     pub refused: usize,
+    /// Answers other than 202, by status (0: no answer).
+    pub refusals: std::collections::BTreeMap<String, u64>,
     pub enqueue_seconds: f64,
     pub jobs_per_second_to_submitted: f64,
     pub seconds_to_all_final: Option<f64>,
@@ -39,24 +41,31 @@ pub async fn run(load: &SendLoad) -> anyhow::Result<SendReport> {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/messages", load.ingress);
     let started = Instant::now();
-    let ids: Vec<Option<String>> = futures_util::stream::iter(0..load.count)
+    let answers: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..load.count)
         .map(|i| {
             let (client, url, token) = (client.clone(), url.clone(), load.api_token.clone());
             async move {
                 let body =
                     serde_json::json!({"to": format!("+1415555{:04}", i % 9000), "text": format!("load test {i}")});
-                let response = client.post(&url).bearer_auth(token).json(&body).send().await.ok()?;
-                if response.status() != 202 {
-                    return None;
-                }
-                response.json::<serde_json::Value>().await.ok()?["id"].as_str().map(str::to_owned)
+                let Ok(response) = client.post(&url).bearer_auth(token).json(&body).send().await else {
+                    return (0, None);
+                };
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                (status, body["id"].as_str().filter(|_| status == 202).map(str::to_owned))
             }
         })
         .buffer_unordered(load.connections)
         .collect()
         .await;
     let enqueue_seconds = started.elapsed().as_secs_f64();
-    let ids: Vec<uuid::Uuid> = ids.into_iter().flatten().filter_map(|id| id.parse().ok()).collect();
+    let mut refusals: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for (status, id) in &answers {
+        if id.is_none() {
+            *refusals.entry(status.to_string()).or_default() += 1;
+        }
+    }
+    let ids: Vec<uuid::Uuid> = answers.into_iter().filter_map(|(_, id)| id?.parse().ok()).collect();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&load.database_url).await?;
     let deadline = Instant::now() + Duration::from_secs(load.timeout_secs);
     let count = |sql: &'static str| {
@@ -85,6 +94,7 @@ pub async fn run(load: &SendLoad) -> anyhow::Result<SendReport> {
         jobs: load.count,
         accepted: ids.len(),
         refused: load.count - ids.len(),
+        refusals,
         enqueue_seconds,
         jobs_per_second_to_submitted: submitted_at.map_or(0.0, |t| ids.len() as f64 / t),
         seconds_to_all_final: final_at,
