@@ -80,6 +80,28 @@ impl IngressError {
     }
 }
 
+impl IngressError {
+    /// A JSON body that does not parse (400) or does not fit the schema (422). serde's
+    /// type errors quote the offending value (a phone number, say); only the expectation is kept.
+    pub fn from_json(e: &serde_json::Error) -> Self {
+        let text = e.to_string();
+        match e.classify() {
+            serde_json::error::Category::Data => {
+                let message = match text.split_once(", expected ") {
+                    Some((problem, expected))
+                        if problem.starts_with("invalid type") || problem.starts_with("invalid value") =>
+                    {
+                        format!("a field has the wrong type or value: expected {expected}")
+                    }
+                    _ => text,
+                };
+                Self::InvalidField { field: None, message }
+            }
+            _ => Self::MalformedJson(text),
+        }
+    }
+}
+
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         let status = self.status();

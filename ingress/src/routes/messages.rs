@@ -336,10 +336,7 @@ pub async fn put_opt_out(
     let body: OptOutBody = if body.is_empty() {
         OptOutBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => IngressError::InvalidField { field: None, message: e.to_string() },
-            _ => IngressError::MalformedJson(e.to_string()),
-        })?
+        serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?
     };
     let sender = parse_sender(body.sender.as_deref())?;
     let created = storage::put_opt_out(&state.db, &recipient, &sender).await.map_err(db_error)?;

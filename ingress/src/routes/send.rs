@@ -76,10 +76,7 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
         return Err(IngressError::UnsupportedMediaType { expected: "application/json" });
     }
     let body = super::read_body(&headers, body, state.body_limit).await?;
-    let request: SendRequest = serde_json::from_slice(&body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => IngressError::InvalidField { field: None, message: e.to_string() },
-        _ => IngressError::MalformedJson(e.to_string()),
-    })?;
+    let request: SendRequest = serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?;
     let id = match headers.get("idempotency-key") {
         None => Uuid::now_v7(),
         Some(value) => {

@@ -111,6 +111,13 @@ async fn bad_send_requests_are_refused_by_name_and_queue_nothing() {
         ),
         ("missing text", post(&app, "/v1/messages", &json!({"to": "+14155552671"})), 422, "invalid_field", None),
         (
+            "number instead of text",
+            post(&app, "/v1/messages", &json!({"to": 14155552671u64, "text": "hi"})),
+            422,
+            "invalid_field",
+            None,
+        ),
+        (
             "number too short",
             post(&app, "/v1/messages", &json!({"to": "+1415", "text": "hi"})),
             422,
