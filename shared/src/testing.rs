@@ -198,3 +198,15 @@ pub fn amqp_address() -> std::net::SocketAddr {
 }
 
 pub use crate::plivo::form::encode_pairs as form_encode;
+
+/// The URL of a `#[sqlx::test]` pool's database, for services and binaries under test.
+pub fn database_url(pool: &sqlx::PgPool) -> String {
+    let o = pool.connect_options();
+    format!(
+        "postgres://{}@{}:{}/{}",
+        o.get_username(),
+        o.get_host(),
+        o.get_port(),
+        o.get_database().unwrap_or_default()
+    )
+}

@@ -3,6 +3,7 @@
 
 use secrecy::SecretString;
 use serde_json::{Value, json};
+use shared::testing::database_url;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -10,11 +11,6 @@ use crate::helpers::{TestApp, spawn_app_with, status_params};
 
 const TOKEN: &str = "status-api-token-012345";
 const FULL_TOKEN: &str = "status-full-token-012345";
-
-fn database_url(pool: &PgPool) -> String {
-    let o = pool.connect_options();
-    format!("postgres://{}@{}:{}/{}", o.get_username(), o.get_host(), o.get_port(), o.get_database().unwrap())
-}
 
 async fn app_on(pool: &PgPool) -> TestApp {
     let url = database_url(pool);

@@ -3,14 +3,10 @@
 
 use loadgen::callbacks::{CallbackLoad, run};
 use loadgen::ceiling::{CeilingArgs, measure};
+use shared::testing::database_url;
 use shared::testing::{TEST_AUTH_TOKEN, TestBroker, amqp_url, base_ingress_settings, base_worker_settings};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-
-fn database_url(pool: &PgPool) -> String {
-    let o = pool.connect_options();
-    format!("postgres://{}@{}:{}/{}", o.get_username(), o.get_host(), o.get_port(), o.get_database().unwrap())
-}
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_short_callback_run_loses_nothing(pool: PgPool) {

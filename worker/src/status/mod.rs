@@ -103,7 +103,7 @@ impl StatusPipeline {
                 Err(poison) => self.rerouter.dead_letter(Stream::Status, delivery, &poison.to_string()).await?,
             }
         }
-        let updates: Vec<_> = parsed.iter().map(|(_, u)| u.clone()).collect();
+        let (deliveries, updates): (Vec<&Delivery>, Vec<event::StatusUpdate>) = parsed.into_iter().unzip();
         metrics::histogram!("smsflow_status_batch_size").record(batch.len() as f64);
         let started = std::time::Instant::now();
         match self.write(&updates).await {
@@ -122,14 +122,14 @@ impl StatusPipeline {
                 tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed")
             }
             Err(e) if storage::is_transient(&e) => {
-                for (delivery, _) in &parsed {
+                for delivery in &deliveries {
                     self.rerouter.retry_later(Stream::Status, delivery, &format!("database unavailable: {e}")).await?;
                 }
             }
             Err(e) => {
                 // Something in the batch is refused by the database: find it, write the rest.
                 tracing::warn!(error = %e, "status batch refused; writing its events one by one");
-                for (delivery, update) in &parsed {
+                for (delivery, update) in deliveries.iter().zip(&updates) {
                     match self.write(std::slice::from_ref(update)).await {
                         Ok(_) => {}
                         Err(e) if storage::is_transient(&e) => {

@@ -10,7 +10,7 @@ use crate::helpers::{
     TEST_AUTH_ID, assert_stories, count_events, fake_plivo, publish_events, publish_job, publisher_for, send_job,
     settings_for, start_worker_on, story, wait_for_events, wait_for_status,
 };
-use crate::infra::database_url;
+use shared::testing::database_url;
 
 fn spawn_worker(broker: &TestBroker, database_url: &str) -> tokio::process::Child {
     spawn_worker_with(broker, database_url, &[])

@@ -4,6 +4,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use shared::amqp::Stream;
 use shared::testing::TestBroker;
+use shared::testing::database_url;
 use sqlx::PgPool;
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
@@ -94,17 +95,6 @@ async fn a_message_in_a_delay_queue_returns_to_its_work_queue() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("the delayed message did not come back to {work}");
-}
-
-pub fn database_url(pool: &PgPool) -> String {
-    let options = pool.connect_options();
-    format!(
-        "postgres://{}@{}:{}/{}",
-        options.get_username(),
-        options.get_host(),
-        options.get_port(),
-        options.get_database().expect("test database name")
-    )
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
