@@ -35,10 +35,16 @@ impl TestBroker {
     pub async fn with_retry_delays(retry_delays_ms: Vec<u64>) -> Self {
         let prefix = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let url = amqp_url();
-        let connection = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {url}: {e}; {START_HINT}"));
-        let channel = connection.create_channel().await.expect("open a channel");
+        let opening = async {
+            let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            Ok::<_, lapin::Error>((connection, channel))
+        };
+        let (connection, channel) = match tokio::time::timeout(std::time::Duration::from_secs(10), opening).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => panic!("RabbitMQ is not reachable at {url}: {e}; {START_HINT}"),
+            Err(_) => panic!("RabbitMQ at {url} did not answer within 10 s; {START_HINT}"),
+        };
         let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
         Self { prefix, topology, connection, channel }
     }
@@ -91,7 +97,8 @@ impl Drop for TestBroker {
         // Drop cannot await; clean up on a thread of its own so a failed test still cleans up.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
+            // Bounded: a broker that stops answering must not turn a test's end into a hang.
+            let cleanup = async move {
                 let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
                     return;
                 };
@@ -108,7 +115,8 @@ impl Drop for TestBroker {
                     let _ = channel.exchange_delete(exchange.into(), Default::default()).await;
                 }
                 let _ = connection.close(200, "test cleanup".into()).await;
-            });
+            };
+            let _ = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(15), cleanup).await });
         })
         .join();
     }

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 
 use lapin::message::Delivery;
@@ -34,18 +35,48 @@ impl Session {
         prefetch: u16,
     ) -> anyhow::Result<Self> {
         let connection = shared::amqp::connect(settings, &format!("smsflow-worker {}", stream.name())).await?;
-        let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
-        channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let consumer = channel
-            .basic_consume(
-                topology.queue(stream).into(),
-                format!("smsflow-worker-{}-{}", stream.name(), uuid::Uuid::new_v4().simple()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Self { connection, channel, consumer })
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            topology.declare(&channel).await?;
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    topology.queue(stream).into(),
+                    format!("smsflow-worker-{}-{}", stream.name(), uuid::Uuid::new_v4().simple()).into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok((channel, consumer))
+        };
+        match shared::amqp::set_up(settings, setup).await {
+            Ok((channel, consumer)) => Ok(Self { connection, channel, consumer }),
+            Err(e) => {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), connection.close(200, "setup failed".into())).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The next delivery, or why the session is over. The connection is also checked every
+    /// second: a consumer stream that stays silent after its connection died (lapin has had
+    /// such bugs) must not stall the worker.
+    pub async fn next_delivery(&mut self) -> anyhow::Result<Delivery> {
+        loop {
+            tokio::select! {
+                next = self.consumer.next() => return match next {
+                    Some(Ok(delivery)) => Ok(delivery),
+                    Some(Err(e)) => Err(e.into()),
+                    None => Err(anyhow::anyhow!("consumer cancelled")),
+                },
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if !self.connection.status().connected() || !self.channel.status().connected() {
+                        return Err(anyhow::anyhow!("RabbitMQ connection lost"));
+                    }
+                }
+            }
+        }
     }
 
     pub async fn close(self) {

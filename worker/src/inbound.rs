@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::CallbackEvent;
@@ -131,12 +130,11 @@ impl InboundPipeline {
         loop {
             let next = tokio::select! {
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
-                next = session.consumer.next() => next,
+                next = session.next_delivery() => next,
             };
             let delivery = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => return SessionEnd::Lost(e.into()),
-                None => return SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
+                Ok(delivery) => delivery,
+                Err(e) => return SessionEnd::Lost(e),
             };
             if let Err(error) = self.process(&delivery).await {
                 return SessionEnd::Lost(error);

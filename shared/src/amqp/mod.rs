@@ -28,3 +28,20 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Conn
         }
     }
 }
+
+/// Runs connection setup (channels, topology, QoS, consumers) bounded by
+/// `amqp.connect_timeout_ms`: a broker that accepts the connection but stops answering must
+/// not hold a reconnect loop forever.
+pub async fn set_up<T>(
+    settings: &AmqpSettings,
+    setup: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), setup).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(anyhow::anyhow!("cannot set up RabbitMQ channels and topology: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "cannot set up RabbitMQ channels and topology: no answer within {} ms",
+            settings.connect_timeout_ms
+        )),
+    }
+}

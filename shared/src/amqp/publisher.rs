@@ -185,11 +185,11 @@ async fn establish(inner: &Inner) -> anyhow::Result<Live> {
         }
         Ok::<_, lapin::Error>(channels)
     };
-    match setup.await {
+    match super::set_up(&inner.settings, setup).await {
         Ok(channels) => Ok(Live { connection, channels }),
         Err(e) => {
-            let _ = connection.close(200, "setup failed".into()).await;
-            Err(anyhow::anyhow!("cannot set up RabbitMQ channels and topology: {e}"))
+            let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "setup failed".into())).await;
+            Err(e)
         }
     }
 }

@@ -23,7 +23,7 @@ use shared::testing::{
     CuttableProxy, TEST_AUTH_TOKEN, TestBroker, amqp_address, base_ingress_settings, base_worker_settings,
 };
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +34,41 @@ const SENDER: &str = "+14155559999";
 /// Short (CI) or long (on demand) profile.
 pub fn long_profile() -> bool {
     std::env::var("SMSFLOW_RELIABILITY").is_ok_and(|v| v == "long")
+}
+
+/// Runs one scenario on a multi-threaded runtime of its own, as the services run in
+/// production, against the fresh database `#[sqlx::test]` created. (sqlx's test runtime has a
+/// single thread: there, one blocking call anywhere in the system under test stops every
+/// timer and the scenario hangs instead of failing.) The scenario must finish within a bound,
+/// so a stuck scenario fails with its progress lines instead of holding the run.
+pub async fn run_scenario<F, Fut>(database: PgConnectOptions, scenario: F)
+where
+    F: FnOnce(PgPool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let limit = Duration::from_secs(if long_profile() { 1200 } else { 300 });
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the scenario");
+        runtime.block_on(async move {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(database)
+                .await
+                .expect("connect to the scenario's database");
+            if tokio::time::timeout(limit, scenario(pool)).await.is_err() {
+                panic!("the scenario did not finish within {} s (see its progress lines)", limit.as_secs());
+            }
+        });
+        runtime.shutdown_timeout(Duration::from_secs(5));
+    });
+    let joined = tokio::task::spawn_blocking(move || thread.join()).await.expect("join the scenario thread");
+    if let Err(panic) = joined {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// One row of docs/reliability.md.
@@ -88,6 +123,7 @@ pub struct System {
     worker: Option<Running>,
     pub worker_settings: shared::config::WorkerSettings,
     ingress_settings: shared::config::IngressSettings,
+    started: Instant,
 }
 
 impl System {
@@ -146,11 +182,19 @@ impl System {
             worker: None,
             worker_settings,
             ingress_settings,
+            started: Instant::now(),
         };
         system.ingress = Some(system.spawn_ingress(ingress_listener));
         system.start_worker();
         system.wait_ready().await;
+        system.progress("ingress, worker and simulator ready");
         system
+    }
+
+    /// Where the scenario is, with the time since start: a failing or hanging scenario's
+    /// output then says which phase it was in.
+    pub fn progress(&self, what: &str) {
+        eprintln!("[reliability +{:.1}s] {what}", self.started.elapsed().as_secs_f64());
     }
 
     fn spawn_ingress(&self, listener: tokio::net::TcpListener) -> Running {
@@ -225,20 +269,17 @@ impl System {
         self.wait_ready().await;
     }
 
+    /// Waits (at most 30 s) until the ingress answers `/readyz` with 200.
     pub async fn wait_ready(&self) {
-        for _ in 0..300 {
-            if self
-                .client
-                .get(format!("http://{}/readyz", self.ingress_addr))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let probe = self.client.get(format!("http://{}/readyz", self.ingress_addr)).timeout(Duration::from_secs(2));
+            if probe.send().await.is_ok_and(|r| r.status() == 200) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("the ingress did not become ready");
+        panic!("the ingress did not become ready within 30 s");
     }
 
     /// A traffic source that runs on its own task while faults act on the system.
@@ -378,20 +419,23 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// `count` jobs at `per_second`; returns the ids that got a 202.
-    pub async fn send(self, count: usize, per_second: f64) -> Vec<String> {
+    /// `count` jobs at `per_second`; returns the ids that got a 202. A job still refused
+    /// `give_up` after its turn is abandoned (the scenario then sees fewer jobs than it sent).
+    pub async fn send(self, count: usize, per_second: f64, give_up: Duration) -> Vec<String> {
         let started = Instant::now();
         let results: Vec<Option<String>> = futures_util::stream::iter(0..count)
             .map(|i| {
                 let (client, url) = (self.client.clone(), self.url.clone());
                 async move {
-                    tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / per_second)).into()).await;
-                    for _ in 0..240 {
+                    let turn = started + Duration::from_secs_f64(i as f64 / per_second);
+                    tokio::time::sleep_until(turn.into()).await;
+                    while turn.elapsed() < give_up {
                         let body = serde_json::json!({"to": format!("+1415555{:04}", i % 9000), "text": format!("reliability {i}")});
                         let response = client
                             .post(&url)
                             .bearer_auth(API_TOKEN)
                             .header("Idempotency-Key", format!("job-{i}"))
+                            .timeout(Duration::from_secs(5))
                             .json(&body)
                             .send()
                             .await;

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 
-use reliability::{Outcome, System, long_profile, sim_config};
+use reliability::{Outcome, System, long_profile, run_scenario, sim_config};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-fn traffic() -> (usize, f64) {
+fn traffic_profile() -> (usize, f64) {
     if long_profile() { (3000, 50.0) } else { (150, 15.0) }
 }
 
@@ -19,9 +20,11 @@ fn outage(short_secs: u64, long_secs: u64) -> Duration {
 /// Starts traffic, lets it run 3 s, then hands the system to the fault.
 async fn with_traffic(pool: PgPool) -> (System, tokio::task::JoinHandle<Vec<String>>, String) {
     let system = System::start(pool, sim_config()).await;
-    let (count, rate) = traffic();
-    let traffic = tokio::spawn(system.traffic().send(count, rate));
+    let (count, rate) = traffic_profile();
+    // Longer than any outage: a job refused during the fault is accepted once it is over.
+    let traffic = tokio::spawn(system.traffic().send(count, rate, Duration::from_secs(90)));
     tokio::time::sleep(Duration::from_secs(3)).await;
+    system.progress("traffic flowing; injecting the fault");
     (system, traffic, format!("{count} send jobs at {rate}/s over HTTP, ~3 signed callbacks each"))
 }
 
@@ -32,11 +35,15 @@ async fn finish(
     description: String,
     fault: &str,
 ) -> Outcome {
+    system.progress("fault over; waiting for the traffic to finish");
     let jobs = traffic.await.unwrap();
+    system.progress(&format!("{} jobs accepted; waiting for the system to settle", jobs.len()));
     let recovery = system.settle(&jobs, Duration::from_secs(240)).await;
+    system.progress(&format!("settled (or gave up) after {recovery:.1} s; counting"));
     let outcome = system.verify(scenario, description, fault, &jobs, recovery).await;
     system.stop().await;
     outcome.record();
+    assert_eq!(jobs.len(), traffic_profile().0, "every job was accepted once the fault was over: {outcome:?}");
     outcome
 }
 
@@ -49,224 +56,260 @@ fn assert_kept(outcome: &Outcome, expected_dead_letters: u32) {
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn worker_killed_mid_batch_and_restarted_after_5_s(pool: PgPool) {
-    let (mut system, traffic, description) = with_traffic(pool).await;
-    system.kill_worker().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    system.start_worker();
-    let outcome = finish(
-        system,
-        traffic,
-        "1. worker killed",
-        description,
-        "worker killed (abort) mid-batch, restarted after 5 s",
-    )
+async fn worker_killed_mid_batch_and_restarted_after_5_s(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (mut system, traffic, description) = with_traffic(pool).await;
+        system.kill_worker().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        system.start_worker();
+        let outcome = finish(
+            system,
+            traffic,
+            "1. worker killed",
+            description,
+            "worker killed (abort) mid-batch, restarted after 5 s",
+        )
+        .await;
+        assert_kept(&outcome, 0);
+        // A job whose Plivo call was cut by the kill ends `unknown`, never sent twice.
+        assert!(outcome.unknown <= 1, "{outcome:?}");
+    })
     .await;
-    assert_kept(&outcome, 0);
-    // A job whose Plivo call was cut by the kill ends `unknown`, never sent twice.
-    assert!(outcome.unknown <= 1, "{outcome:?}");
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn ingress_stopped_gracefully_under_load(pool: PgPool) {
-    let (mut system, traffic, description) = with_traffic(pool).await;
-    system.stop_ingress(true).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    system.restart_ingress().await;
-    let outcome =
-        finish(system, traffic, "2a. ingress SIGTERM", description, "ingress graceful shutdown, back after 2 s").await;
-    assert_kept(&outcome, 0);
+async fn ingress_stopped_gracefully_under_load(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (mut system, traffic, description) = with_traffic(pool).await;
+        system.stop_ingress(true).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        system.restart_ingress().await;
+        let outcome =
+            finish(system, traffic, "2a. ingress SIGTERM", description, "ingress graceful shutdown, back after 2 s")
+                .await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn ingress_killed_under_load(pool: PgPool) {
-    let (mut system, traffic, description) = with_traffic(pool).await;
-    system.stop_ingress(false).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    system.restart_ingress().await;
-    let outcome =
-        finish(system, traffic, "2b. ingress killed", description, "ingress killed (abort), back after 2 s").await;
-    assert_kept(&outcome, 0);
+async fn ingress_killed_under_load(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (mut system, traffic, description) = with_traffic(pool).await;
+        system.stop_ingress(false).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        system.restart_ingress().await;
+        let outcome =
+            finish(system, traffic, "2b. ingress killed", description, "ingress killed (abort), back after 2 s").await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn broker_unreachable_then_back(pool: PgPool) {
-    let (system, traffic, description) = with_traffic(pool).await;
-    let down = outage(20, 20);
-    system.cut_broker();
-    tokio::time::sleep(down).await;
-    system.restore_broker();
-    let fault = format!("every broker connection cut, broker unreachable for {} s", down.as_secs());
-    let outcome = finish(system, traffic, "3. broker down", description, &fault).await;
-    assert_kept(&outcome, 0);
+async fn broker_unreachable_then_back(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (system, traffic, description) = with_traffic(pool).await;
+        let down = outage(20, 20);
+        system.cut_broker();
+        tokio::time::sleep(down).await;
+        system.restore_broker();
+        let fault = format!("every broker connection cut, broker unreachable for {} s", down.as_secs());
+        let outcome = finish(system, traffic, "3. broker down", description, &fault).await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn postgres_unreachable_then_back(pool: PgPool) {
-    let (system, traffic, description) = with_traffic(pool).await;
-    let down = outage(10, 30);
-    system.database_proxy.cut();
-    tokio::time::sleep(down).await;
-    system.database_proxy.restore();
-    let fault = format!("PostgreSQL unreachable for {} s", down.as_secs());
-    let outcome = finish(system, traffic, "4a. PostgreSQL down", description, &fault).await;
-    assert_kept(&outcome, 0);
+async fn postgres_unreachable_then_back(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (system, traffic, description) = with_traffic(pool).await;
+        let down = outage(10, 30);
+        system.database_proxy.cut();
+        tokio::time::sleep(down).await;
+        system.database_proxy.restore();
+        let fault = format!("PostgreSQL unreachable for {} s", down.as_secs());
+        let outcome = finish(system, traffic, "4a. PostgreSQL down", description, &fault).await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn postgres_slowed_by_a_lock(pool: PgPool) {
-    let locker = pool.clone();
-    let (system, traffic, description) = with_traffic(pool).await;
-    let held = outage(5, 10);
-    let mut tx = locker.begin().await.unwrap();
-    sqlx::query("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
-    tokio::time::sleep(held).await;
-    tx.rollback().await.unwrap();
-    let fault = format!("exclusive lock held on messages for {} s", held.as_secs());
-    let outcome = finish(system, traffic, "4b. PostgreSQL slowed", description, &fault).await;
-    assert_kept(&outcome, 0);
+async fn postgres_slowed_by_a_lock(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let locker = pool.clone();
+        let (system, traffic, description) = with_traffic(pool).await;
+        let held = outage(5, 10);
+        let mut tx = locker.begin().await.unwrap();
+        sqlx::query("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE").execute(&mut *tx).await.unwrap();
+        tokio::time::sleep(held).await;
+        tx.rollback().await.unwrap();
+        let fault = format!("exclusive lock held on messages for {} s", held.as_secs());
+        let outcome = finish(system, traffic, "4b. PostgreSQL slowed", description, &fault).await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn plivo_failing_then_hanging_after_accepting(pool: PgPool) {
-    let (system, traffic, description) = with_traffic(pool).await;
-    system.set_fault("server_error", 3000, 0).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    system.set_fault("rate_limited", 3000, 0).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // Plivo accepts but answers after the worker's 2 s timeout: the ambiguous case.
-    system.set_fault("accept_then_hang", 1000, 5000).await;
-    let fault = "Plivo answers 500 for 3 s, then 429 for 3 s, then accepts but answers too late for 1 s";
-    let outcome = finish(system, traffic, "5. Plivo failures", description, fault).await;
-    assert_eq!(outcome.lost, 0, "{outcome:?}");
-    assert_eq!(outcome.duplicate_sends, 0, "no duplicate SMS by default: {outcome:?}");
-    assert_eq!(outcome.dead_letters, 0, "{outcome:?}");
-    // Jobs whose answer came too late are `unknown`; the rest match Plivo's truth.
-    assert!(outcome.status_mismatches <= outcome.unknown, "{outcome:?}");
+async fn plivo_failing_then_hanging_after_accepting(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (system, traffic, description) = with_traffic(pool).await;
+        system.set_fault("server_error", 3000, 0).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        system.set_fault("rate_limited", 3000, 0).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Plivo accepts but answers after the worker's 2 s timeout: the ambiguous case.
+        system.set_fault("accept_then_hang", 1000, 5000).await;
+        let fault = "Plivo answers 500 for 3 s, then 429 for 3 s, then accepts but answers too late for 1 s";
+        let outcome = finish(system, traffic, "5. Plivo failures", description, fault).await;
+        assert_eq!(outcome.lost, 0, "{outcome:?}");
+        assert_eq!(outcome.duplicate_sends, 0, "no duplicate SMS by default: {outcome:?}");
+        assert_eq!(outcome.dead_letters, 0, "{outcome:?}");
+        // Jobs whose answer came too late are `unknown`; the rest match Plivo's truth.
+        assert!(outcome.status_mismatches <= outcome.unknown, "{outcome:?}");
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(pool: PgPool) {
-    use shared::amqp::{Publisher, Stream, Topology};
-    let (system, traffic, description) = with_traffic(pool).await;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let mut amqp = system.worker_settings.amqp.clone();
-    amqp.url = secrecy::SecretString::from(shared::testing::amqp_url());
-    let publisher = Publisher::start(amqp.clone(), Topology::from_settings(&amqp), "poison", shutdown.clone());
-    assert!(publisher.wait_ready(Duration::from_secs(10)).await);
-    for stream in Stream::ALL {
-        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
-        publisher.publish(stream.routing_key(), b"\xff not json at all", properties).await.unwrap();
-    }
-    shutdown.cancel();
-    let outcome =
-        finish(system, traffic, "6. poison", description, "one undecodable message in each of the three queues").await;
-    assert_kept(&outcome, 3);
+async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        use shared::amqp::{Publisher, Stream, Topology};
+        let (system, traffic, description) = with_traffic(pool).await;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut amqp = system.worker_settings.amqp.clone();
+        amqp.url = secrecy::SecretString::from(shared::testing::amqp_url());
+        let publisher = Publisher::start(amqp.clone(), Topology::from_settings(&amqp), "poison", shutdown.clone());
+        assert!(publisher.wait_ready(Duration::from_secs(10)).await);
+        for stream in Stream::ALL {
+            let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+            publisher.publish(stream.routing_key(), b"\xff not json at all", properties).await.unwrap();
+        }
+        shutdown.cancel();
+        let outcome =
+            finish(system, traffic, "6. poison", description, "one undecodable message in each of the three queues")
+                .await;
+        assert_kept(&outcome, 3);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(pool: PgPool) {
-    use tokio::io::AsyncWriteExt as _;
-    let (system, traffic, description) = with_traffic(pool).await;
-    let address = system.ingress_addr;
-    let (forged, slow) = if long_profile() { (100_000, 1000) } else { (5_000, 100) };
-    // Slow clients: each opens a connection and trickles a body one byte a second.
-    let mut trickles = Vec::new();
-    for _ in 0..slow {
-        trickles.push(tokio::spawn(async move {
-            let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else { return };
-            let head = "POST /plivo/callback HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\n\
-                        x-plivo-signature-v3: x\r\nx-plivo-signature-v3-nonce: 1\r\ncontent-length: 1000\r\n\r\n";
-            if stream.write_all(head.as_bytes()).await.is_err() {
-                return;
-            }
-            for _ in 0..15 {
-                if stream.write_all(b"a").await.is_err() {
+async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        use tokio::io::AsyncWriteExt as _;
+        let (system, traffic, description) = with_traffic(pool).await;
+        let address = system.ingress_addr;
+        let (forged, slow) = if long_profile() { (100_000, 1000) } else { (5_000, 100) };
+        // Slow clients: each opens a connection and trickles a body one byte a second.
+        let mut trickles = Vec::new();
+        for _ in 0..slow {
+            trickles.push(tokio::spawn(async move {
+                let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else { return };
+                let head = "POST /plivo/callback HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+                            x-plivo-signature-v3: x\r\nx-plivo-signature-v3-nonce: 1\r\ncontent-length: 1000\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }));
-    }
-    // Forged callbacks as fast as 32 connections allow.
-    let client = system.client.clone();
-    let url = format!("http://{address}/plivo/callback");
-    let refused = futures_util::stream::iter(0..forged)
-        .map(|i| {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("x-plivo-signature-v3", "Zm9yZ2VkIHNpZ25hdHVyZSBmb3JnZWQgc2lnbmF0dXJlIQ==")
-                    .header("x-plivo-signature-v3-nonce", "12345678901234567890")
-                    .body(format!("MessageUUID=forged-{i}&Status=delivered"))
-                    .send()
-                    .await;
-                response.map(|r| r.status().as_u16()).unwrap_or(0)
-            }
-        })
-        .buffer_unordered(32)
-        .filter(|status| std::future::ready(*status == 403 || *status == 429))
-        .count()
-        .await;
-    for t in trickles {
-        let _ = t.await;
-    }
-    let fault = format!("{forged} forged callbacks (32 connections) and {slow} clients sending one byte a second");
-    let outcome = finish(system, traffic, "7. flood and slow clients", description, &fault).await;
-    assert_eq!(refused, forged, "every forgery refused (403, or 429 once over budget)");
-    assert_kept(&outcome, 0);
+                for _ in 0..15 {
+                    if stream.write_all(b"a").await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }));
+        }
+        // Forged callbacks as fast as 32 connections allow.
+        let client = system.client.clone();
+        let url = format!("http://{address}/plivo/callback");
+        let refused = futures_util::stream::iter(0..forged)
+            .map(|i| {
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/x-www-form-urlencoded")
+                        .header("x-plivo-signature-v3", "Zm9yZ2VkIHNpZ25hdHVyZSBmb3JnZWQgc2lnbmF0dXJlIQ==")
+                        .header("x-plivo-signature-v3-nonce", "12345678901234567890")
+                        .body(format!("MessageUUID=forged-{i}&Status=delivered"))
+                        .send()
+                        .await;
+                    response.map(|r| r.status().as_u16()).unwrap_or(0)
+                }
+            })
+            .buffer_unordered(32)
+            .filter(|status| std::future::ready(*status == 403 || *status == 429))
+            .count()
+            .await;
+        system.progress(&format!("flood sent: {refused} of {forged} forgeries refused"));
+        for t in trickles {
+            let _ = t.await;
+        }
+        let fault = format!("{forged} forged callbacks (32 connections) and {slow} clients sending one byte a second");
+        let outcome = finish(system, traffic, "7. flood and slow clients", description, &fault).await;
+        assert_eq!(refused, forged, "every forgery refused (403, or 429 once over budget)");
+        assert_kept(&outcome, 0);
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn a_captured_callback_replayed_1000_times_is_one_event(pool: PgPool) {
-    use shared::plivo::form::encode_pairs;
-    use shared::plivo::signature::{SignedRequest, sign_v3};
-    let system = System::start(pool.clone(), sim_config()).await;
-    let url = format!("http://{}/plivo/callback", system.ingress_addr);
-    let params: Vec<(String, String)> = [("MessageUUID", "replayed-1"), ("Status", "delivered"), ("Sequence", "3")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let nonce = "55555555555555555555";
-    let signature =
-        sign_v3(shared::testing::TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body: &params, nonce })
-            .unwrap();
-    let body = encode_pairs(&params);
-    let accepted = futures_util::stream::iter(0..1000)
-        .map(|_| {
-            let request = system
-                .client
-                .post(&url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("x-plivo-signature-v3", &signature)
-                .header("x-plivo-signature-v3-nonce", nonce)
-                .body(body.clone());
-            async move { request.send().await.map(|r| r.status() == 200).unwrap_or(false) }
-        })
-        .buffer_unordered(32)
-        .filter(|ok| std::future::ready(*ok))
-        .count()
-        .await;
-    assert_eq!(accepted, 1000, "a valid signature is accepted every time");
-    let mut stored = 0;
-    for _ in 0..100 {
-        stored = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM message_events WHERE message_uuid = 'replayed-1'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if stored == 1 {
-            // Give the rest of the copies time to arrive and be deduplicated.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            stored = sqlx::query_scalar("SELECT count(*) FROM message_events WHERE message_uuid = 'replayed-1'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            break;
+async fn a_captured_callback_replayed_1000_times_is_one_event(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        use shared::plivo::form::encode_pairs;
+        use shared::plivo::signature::{SignedRequest, sign_v3};
+        let system = System::start(pool.clone(), sim_config()).await;
+        let url = format!("http://{}/plivo/callback", system.ingress_addr);
+        let params: Vec<(String, String)> = [("MessageUUID", "replayed-1"), ("Status", "delivered"), ("Sequence", "3")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let nonce = "55555555555555555555";
+        let signature = sign_v3(
+            shared::testing::TEST_AUTH_TOKEN,
+            &SignedRequest { method: "POST", url: &url, body: &params, nonce },
+        )
+        .unwrap();
+        let body = encode_pairs(&params);
+        let accepted = futures_util::stream::iter(0..1000)
+            .map(|_| {
+                let request = system
+                    .client
+                    .post(&url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("x-plivo-signature-v3", &signature)
+                    .header("x-plivo-signature-v3-nonce", nonce)
+                    .body(body.clone());
+                async move { request.send().await.map(|r| r.status() == 200).unwrap_or(false) }
+            })
+            .buffer_unordered(32)
+            .filter(|ok| std::future::ready(*ok))
+            .count()
+            .await;
+        assert_eq!(accepted, 1000, "a valid signature is accepted every time");
+        let mut stored = 0;
+        for _ in 0..100 {
+            stored =
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM message_events WHERE message_uuid = 'replayed-1'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if stored == 1 {
+                // Give the rest of the copies time to arrive and be deduplicated.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                stored = sqlx::query_scalar("SELECT count(*) FROM message_events WHERE message_uuid = 'replayed-1'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(stored, 1, "one event for 1,000 replays");
-    system.stop().await;
+        assert_eq!(stored, 1, "one event for 1,000 replays");
+        system.stop().await;
+    })
+    .await;
 }

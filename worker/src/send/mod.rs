@@ -14,7 +14,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use backon::Retryable as _;
-use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::SendJob;
@@ -69,14 +68,13 @@ impl SendPipeline {
                         break SessionEnd::Lost(error);
                     }
                 }
-                next = session.consumer.next() => match next {
-                    Some(Ok(delivery)) => {
+                next = session.next_delivery() => match next {
+                    Ok(delivery) => {
                         let pipeline = self.clone();
                         let span = broker::consumer_span("process", &self.topology.queue(Stream::Send), &[&delivery]);
                         in_progress.spawn(async move { pipeline.handle(delivery).await }.instrument(span));
                     }
-                    Some(Err(e)) => break SessionEnd::Lost(e.into()),
-                    None => break SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
+                    Err(e) => break SessionEnd::Lost(e),
                 },
             }
         };

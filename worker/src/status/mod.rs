@@ -7,7 +7,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use backon::Retryable as _;
-use futures_util::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use shared::amqp::{Stream, Topology};
@@ -54,20 +53,18 @@ impl StatusPipeline {
             let mut stream_end = None;
             let first = tokio::select! {
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
-                next = session.consumer.next() => next,
+                next = session.next_delivery() => next,
             };
             match first {
-                Some(Ok(delivery)) => batch.push(delivery),
-                Some(Err(e)) => return SessionEnd::Lost(e.into()),
-                None => return SessionEnd::Lost(anyhow::anyhow!("consumer cancelled")),
+                Ok(delivery) => batch.push(delivery),
+                Err(e) => return SessionEnd::Lost(e),
             }
             let deadline = Instant::now() + batch_wait;
             while batch.len() < batch_size && stream_end.is_none() {
                 tokio::select! {
-                    next = session.consumer.next() => match next {
-                        Some(Ok(delivery)) => batch.push(delivery),
-                        Some(Err(e)) => stream_end = Some(anyhow::Error::from(e)),
-                        None => stream_end = Some(anyhow::anyhow!("consumer cancelled")),
+                    next = session.next_delivery() => match next {
+                        Ok(delivery) => batch.push(delivery),
+                        Err(e) => stream_end = Some(e),
                     },
                     () = tokio::time::sleep_until(deadline) => break,
                     // Finish the batch in hand now rather than waiting out the window.
