@@ -25,6 +25,8 @@ pub struct TestBroker {
     pub topology: Topology,
     pub connection: Connection,
     pub channel: Channel,
+    /// Whether dropping this deletes the topology (false for `attach`ed handles).
+    owns_topology: bool,
 }
 
 impl TestBroker {
@@ -34,6 +36,17 @@ impl TestBroker {
 
     pub async fn with_retry_delays(retry_delays_ms: Vec<u64>) -> Self {
         let prefix = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
+        Self::open(prefix, topology, true).await
+    }
+
+    /// A second handle on an existing test topology, on a connection of its own (e.g. after
+    /// the first one died with a stopped broker); dropping it leaves the topology in place.
+    pub async fn attach(topology: &Topology) -> Self {
+        Self::open(topology.prefix().to_owned(), topology.clone(), false).await
+    }
+
+    async fn open(prefix: String, topology: Topology, owns_topology: bool) -> Self {
         let url = amqp_url();
         let opening = async {
             let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
@@ -45,8 +58,7 @@ impl TestBroker {
             Ok(Err(e)) => panic!("RabbitMQ is not reachable at {url}: {e}; {START_HINT}"),
             Err(_) => panic!("RabbitMQ at {url} did not answer within 10 s; {START_HINT}"),
         };
-        let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
-        Self { prefix, topology, connection, channel }
+        Self { prefix, topology, connection, channel, owns_topology }
     }
 
     /// Settings pointing at this broker and prefix.
@@ -92,6 +104,9 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
+        if !self.owns_topology {
+            return;
+        }
         let queues = self.queue_names();
         let exchanges = [self.topology.exchange(), self.topology.dead_letter_exchange()];
         // Drop cannot await; clean up on a thread of its own so a failed test still cleans up.
@@ -146,6 +161,7 @@ fn test_env() -> Vec<(String, String)> {
 pub struct CuttableProxy {
     pub address: std::net::SocketAddr,
     up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    forwarding: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>>,
 }
 
 impl CuttableProxy {
@@ -154,7 +170,8 @@ impl CuttableProxy {
         let address = listener.local_addr().expect("proxy address");
         let (up, _) = tokio::sync::watch::channel(true);
         let up = std::sync::Arc::new(up);
-        let state = up.clone();
+        let forwarding = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (state, live) = (up.clone(), forwarding.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -165,18 +182,28 @@ impl CuttableProxy {
                     continue;
                 }
                 let mut down = state.subscribe();
+                let live = live.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
+                    let Ok(local) = outbound.local_addr() else { return };
+                    live.lock().unwrap_or_else(|e| e.into_inner()).insert(local);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = down.wait_for(|up| !*up) => {}
                     }
+                    live.lock().unwrap_or_else(|e| e.into_inner()).remove(&local);
                 });
             }
         });
-        Self { address, up }
+        Self { address, up, forwarding }
+    }
+
+    /// The local addresses of the connections this proxy holds to the target now: the
+    /// target sees its clients as these (e.g. RabbitMQ names a connection `local -> target`).
+    pub fn forwarded_from(&self) -> Vec<std::net::SocketAddr> {
+        self.forwarding.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect()
     }
 
     /// Closes every forwarded connection and refuses new ones.

@@ -71,6 +71,35 @@ where
     }
 }
 
+/// Answers to valid callbacks sent while a scenario ran.
+#[derive(Debug, Default, Clone)]
+pub struct Probe {
+    pub sent: usize,
+    pub accepted: usize,
+    pub latencies_ms: Vec<f64>,
+}
+
+impl Probe {
+    /// The latency at quantile `q` (0..=1) of the accepted callbacks, in ms.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted.get(index).copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} of {} valid callbacks answered 200, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.accepted,
+            self.sent,
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0)
+        )
+    }
+}
+
 /// One row of docs/reliability.md.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -86,14 +115,18 @@ pub struct Outcome {
     pub unknown: usize,
     pub dead_letters: u32,
     pub recovery_seconds: f64,
+    /// What else the scenario measured (e.g. valid traffic's latency during a flood).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Outcome {
-    /// Appends the row to `$SMSFLOW_RELIABILITY_OUT` (default target/reliability.jsonl).
+    /// Prints the row, and appends it to `$SMSFLOW_RELIABILITY_OUT` when that is set.
     pub fn record(&self) {
         use std::io::Write as _;
-        let path = std::env::var("SMSFLOW_RELIABILITY_OUT").unwrap_or_else(|_| "reliability.jsonl".into());
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(path) = std::env::var("SMSFLOW_RELIABILITY_OUT")
+            && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+        {
             let _ = writeln!(f, "{}", serde_json::to_string(self).unwrap_or_default());
         }
         eprintln!("{}", serde_json::to_string(self).unwrap_or_default());
@@ -124,6 +157,8 @@ pub struct System {
     pub worker_settings: shared::config::WorkerSettings,
     ingress_settings: shared::config::IngressSettings,
     started: Instant,
+    /// Anything else the scenario measured, for its report row.
+    pub note: Option<String>,
 }
 
 impl System {
@@ -183,6 +218,7 @@ impl System {
             worker_settings,
             ingress_settings,
             started: Instant::now(),
+            note: None,
         };
         system.ingress = Some(system.spawn_ingress(ingress_listener));
         system.start_worker();
@@ -229,6 +265,29 @@ impl System {
             self.database_proxy.cut();
             let _ = worker.task.await;
         }
+    }
+
+    /// The broker itself closes every connection of this system (what `rabbitmqctl
+    /// close_all_connections` does, limited to this test's connections so that tests running
+    /// beside it keep theirs). Returns how many it closed.
+    pub async fn force_close_broker_connections(&self) -> usize {
+        let ours: HashSet<u16> = [&self.broker_proxy, &self.worker_broker_proxy]
+            .iter()
+            .flat_map(|proxy| proxy.forwarded_from())
+            .map(|local| local.port())
+            .collect();
+        let listing = rabbitmqctl(&["-q", "list_connections", "--no-table-headers", "pid", "peer_port"]).await;
+        let pids: Vec<&str> = listing
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .filter(|(_, port)| port.trim().parse().is_ok_and(|port: u16| ours.contains(&port)))
+            .map(|(pid, _)| pid.trim())
+            .collect();
+        let closing = pids.iter().map(|pid| async move {
+            rabbitmqctl(&["close_connection", pid, "reliability suite: forced close"]).await;
+        });
+        futures_util::future::join_all(closing).await;
+        pids.len()
     }
 
     /// Every broker connection (ingress and worker) cut, and new ones refused.
@@ -280,6 +339,11 @@ impl System {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("the ingress did not become ready within 30 s");
+    }
+
+    /// Signed callbacks straight to the ingress, as Plivo would send them.
+    pub fn callbacks(&self) -> Callbacks {
+        Callbacks { client: self.client.clone(), ingress_addr: self.ingress_addr }
     }
 
     /// A traffic source that runs on its own task while faults act on the system.
@@ -380,9 +444,11 @@ impl System {
             }
         }
         let duplicate_sends = per_job.values().map(|n| n.saturating_sub(1)).sum();
+        // A connection of its own: the test broker's may have died with a stopped broker.
+        let counting = TestBroker::attach(&self.broker.topology).await;
         let mut dead_letters = 0;
         for stream in Stream::ALL {
-            dead_letters += self.broker.len(&self.broker.topology.dead_letter_queue(stream)).await;
+            dead_letters += counting.len(&self.broker.topology.dead_letter_queue(stream)).await;
         }
         Outcome {
             scenario: scenario.into(),
@@ -397,6 +463,7 @@ impl System {
             unknown,
             dead_letters,
             recovery_seconds: (recovery_seconds * 10.0).round() / 10.0,
+            note: self.note.clone(),
         }
     }
 
@@ -407,6 +474,107 @@ impl System {
             let _ = tokio::time::timeout(Duration::from_secs(15), worker.task).await;
         }
         self.sim_shutdown.cancel();
+    }
+}
+
+/// Runs `rabbitmqctl` (or the command in `SMSFLOW_TEST_RABBITMQCTL`, e.g.
+/// `docker compose exec -T rabbitmq rabbitmqctl`) and fails loudly if it cannot.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let command = std::env::var("SMSFLOW_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = command.split_whitespace();
+    let program = words.next().expect("SMSFLOW_TEST_RABBITMQCTL names a command");
+    let output = tokio::process::Command::new(program).args(words).args(args).output().await.unwrap_or_else(|e| {
+        panic!("cannot run `{command}` ({e}); set SMSFLOW_TEST_RABBITMQCTL to a working rabbitmqctl")
+    });
+    assert!(
+        output.status.success(),
+        "`{command} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Stops the RabbitMQ application (every client of the broker loses it). If the scenario
+/// panics before `start_again`, dropping this starts it anyway: the machine's broker is
+/// always left running.
+pub struct BrokerStopped {
+    running_again: bool,
+}
+
+impl BrokerStopped {
+    pub async fn stop() -> Self {
+        rabbitmqctl(&["stop_app"]).await;
+        Self { running_again: false }
+    }
+
+    pub async fn start_again(mut self) {
+        rabbitmqctl(&["start_app"]).await;
+        self.running_again = true;
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if self.running_again {
+            return;
+        }
+        let command = std::env::var("SMSFLOW_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+        let mut words = command.split_whitespace();
+        if let Some(program) = words.next() {
+            let _ = std::process::Command::new(program).args(words).arg("start_app").status();
+        }
+    }
+}
+
+/// Posts signed callbacks to the ingress; cheap to clone into a task of its own.
+#[derive(Clone)]
+pub struct Callbacks {
+    client: reqwest::Client,
+    ingress_addr: SocketAddr,
+}
+
+impl Callbacks {
+    /// A status callback signed as Plivo signs it (V3, the simulator's auth token).
+    pub fn signed_callback(&self, params: &[(&str, &str)], nonce: &str) -> reqwest::RequestBuilder {
+        use shared::plivo::signature::{SignedRequest, sign_v3};
+        let url = format!("http://{}/plivo/callback", self.ingress_addr);
+        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let signature = sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body: &params, nonce })
+            .expect("sign a callback");
+        self.client
+            .post(url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-plivo-signature-v3", signature)
+            .header("x-plivo-signature-v3-nonce", nonce)
+            .body(shared::plivo::form::encode_pairs(&params))
+    }
+
+    /// Posts one signed callback; the answer's status code (0 if there was none).
+    pub async fn post_signed_callback(&self, params: &[(&str, &str)]) -> u16 {
+        let nonce = format!("{:020}", rand::random::<u64>());
+        self.signed_callback(params, &nonce).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+    }
+
+    /// Valid signed callbacks every 50 ms until `stop` is cancelled: how the ingress treats
+    /// real traffic while something else is going on.
+    pub async fn probe_valid_callbacks(&self, label: &str, stop: CancellationToken) -> Probe {
+        let mut probe = Probe::default();
+        while !stop.is_cancelled() {
+            let uuid = format!("probe-{label}-{}", probe.sent);
+            let started = Instant::now();
+            let status = self.post_signed_callback(&[("MessageUUID", &uuid), ("Status", "queued")]).await;
+            probe.sent += 1;
+            if status == 200 {
+                probe.accepted += 1;
+                probe.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        probe
     }
 }
 

@@ -107,15 +107,47 @@ async fn ingress_killed_under_load(_: PgPoolOptions, database: PgConnectOptions)
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn broker_connections_force_closed(_: PgPoolOptions, database: PgConnectOptions) {
+    run_scenario(database, |pool| async move {
+        let (system, traffic, description) = with_traffic(pool).await;
+        let closed = system.force_close_broker_connections().await;
+        assert!(closed >= 2, "the ingress's and the worker's connections were closed ({closed})");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let fault = format!("the broker closed all {closed} connections of the system (rabbitmqctl close_connection)");
+        let outcome = finish(system, traffic, "3a. broker connections closed", description, &fault).await;
+        assert_kept(&outcome, 0);
+    })
+    .await;
+}
+
+/// Short profile: the broker unreachable behind its proxy (other tests keep using the
+/// machine's broker). Long profile, which runs alone: the broker itself stopped
+/// (`rabbitmqctl stop_app`) and started again.
+#[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn broker_unreachable_then_back(_: PgPoolOptions, database: PgConnectOptions) {
     run_scenario(database, |pool| async move {
         let (system, traffic, description) = with_traffic(pool).await;
-        let down = outage(20, 20);
-        system.cut_broker();
-        tokio::time::sleep(down).await;
-        system.restore_broker();
-        let fault = format!("every broker connection cut, broker unreachable for {} s", down.as_secs());
-        let outcome = finish(system, traffic, "3. broker down", description, &fault).await;
+        let down = Duration::from_secs(20);
+        let stopped = if long_profile() {
+            Some(reliability::BrokerStopped::stop().await)
+        } else {
+            system.cut_broker();
+            None
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let during =
+            system.callbacks().post_signed_callback(&[("MessageUUID", "during-outage"), ("Status", "sent")]).await;
+        assert_eq!(during, 503, "a callback that cannot be made durable is refused so that Plivo retries it");
+        tokio::time::sleep(down - Duration::from_secs(2)).await;
+        match stopped {
+            Some(stopped) => stopped.start_again().await,
+            None => system.restore_broker(),
+        }
+        let fault = match long_profile() {
+            true => format!("RabbitMQ stopped (rabbitmqctl stop_app) for {} s, then started", down.as_secs()),
+            false => format!("every broker connection cut, broker unreachable for {} s", down.as_secs()),
+        };
+        let outcome = finish(system, traffic, "3b. broker down", description, &fault).await;
         assert_kept(&outcome, 0);
     })
     .await;
@@ -201,9 +233,19 @@ async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(_: PgPoolO
 async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOptions, database: PgConnectOptions) {
     run_scenario(database, |pool| async move {
         use tokio::io::AsyncWriteExt as _;
-        let (system, traffic, description) = with_traffic(pool).await;
+        let (mut system, traffic, description) = with_traffic(pool).await;
         let address = system.ingress_addr;
         let (forged, slow) = if long_profile() { (100_000, 1000) } else { (5_000, 100) };
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                stop.cancel();
+            }
+        });
+        let before = system.callbacks().probe_valid_callbacks("before", stop).await;
+        let stop = tokio_util::sync::CancellationToken::new();
         // Slow clients: each opens a connection and trickles a body one byte a second.
         let mut trickles = Vec::new();
         for _ in 0..slow {
@@ -222,7 +264,11 @@ async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOption
                 }
             }));
         }
-        // Forged callbacks as fast as 32 connections allow.
+        // Forged callbacks as fast as 32 connections allow, with valid ones among them.
+        let during = tokio::spawn({
+            let (callbacks, stop) = (system.callbacks(), stop.clone());
+            async move { callbacks.probe_valid_callbacks("during", stop).await }
+        });
         let client = system.client.clone();
         let url = format!("http://{address}/plivo/callback");
         let refused = futures_util::stream::iter(0..forged)
@@ -248,9 +294,13 @@ async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOption
         for t in trickles {
             let _ = t.await;
         }
+        stop.cancel();
+        let during = during.await.unwrap();
         let fault = format!("{forged} forged callbacks (32 connections) and {slow} clients sending one byte a second");
+        system.note = Some(format!("before the flood: {}; during it: {}", before.summary(), during.summary()));
         let outcome = finish(system, traffic, "7. flood and slow clients", description, &fault).await;
         assert_eq!(refused, forged, "every forgery refused (403, or 429 once over budget)");
+        assert!(during.sent > 0 && during.accepted == during.sent, "no valid callback refused: {}", during.summary());
         assert_kept(&outcome, 0);
     })
     .await;
@@ -259,30 +309,12 @@ async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOption
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_captured_callback_replayed_1000_times_is_one_event(_: PgPoolOptions, database: PgConnectOptions) {
     run_scenario(database, |pool| async move {
-        use shared::plivo::form::encode_pairs;
-        use shared::plivo::signature::{SignedRequest, sign_v3};
         let system = System::start(pool.clone(), sim_config()).await;
-        let url = format!("http://{}/plivo/callback", system.ingress_addr);
-        let params: Vec<(String, String)> = [("MessageUUID", "replayed-1"), ("Status", "delivered"), ("Sequence", "3")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let params = [("MessageUUID", "replayed-1"), ("Status", "delivered"), ("Sequence", "3")];
         let nonce = "55555555555555555555";
-        let signature = sign_v3(
-            shared::testing::TEST_AUTH_TOKEN,
-            &SignedRequest { method: "POST", url: &url, body: &params, nonce },
-        )
-        .unwrap();
-        let body = encode_pairs(&params);
         let accepted = futures_util::stream::iter(0..1000)
             .map(|_| {
-                let request = system
-                    .client
-                    .post(&url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("x-plivo-signature-v3", &signature)
-                    .header("x-plivo-signature-v3-nonce", nonce)
-                    .body(body.clone());
+                let request = system.callbacks().signed_callback(&params, nonce);
                 async move { request.send().await.map(|r| r.status() == 200).unwrap_or(false) }
             })
             .buffer_unordered(32)
