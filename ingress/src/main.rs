@@ -6,6 +6,9 @@ use shared::cli::{ConfigArgs, load_settings_or_exit};
 use shared::config::IngressSettings;
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Plivo webhook target: verifies signatures and makes every callback durable in RabbitMQ.
 #[derive(Debug, Parser)]
 #[command(name = "smsflow-ingress", version, about)]
