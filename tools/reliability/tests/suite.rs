@@ -221,6 +221,28 @@ async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(_: PgPoolO
             publisher.publish(stream.routing_key(), b"\xff not json at all", properties).await.unwrap();
         }
         shutdown.cancel();
+        // Each is dead-lettered with a reason that names the problem...
+        let mut reasons = std::collections::BTreeMap::new();
+        for _ in 0..100 {
+            reasons.clear();
+            for stream in Stream::ALL {
+                let report = worker::replay::replay_dead_letters(&amqp, stream, true).await.unwrap();
+                reasons.extend(report.by_reason.into_iter().map(|(reason, n)| ((stream.name(), reason), n)));
+            }
+            if reasons.values().sum::<u64>() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(reasons.len(), 3, "one dead letter per queue: {reasons:?}");
+        assert!(reasons.keys().all(|(_, reason)| reason != "unknown" && !reason.is_empty()), "{reasons:?}");
+        // ...and a replay before the cause is fixed puts them back once, without a loop or a loss
+        // (replay after a fix: worker/tests/it/poison.rs).
+        for stream in Stream::ALL {
+            let report = worker::replay::replay_dead_letters(&amqp, stream, false).await.unwrap();
+            assert_eq!(report.replayed, 1, "{stream:?}");
+        }
+        system.progress(&format!("dead-letter reasons: {reasons:?}; replayed once, dead-lettered again"));
         let outcome =
             finish(system, traffic, "6. poison", description, "one undecodable message in each of the three queues")
                 .await;
