@@ -81,23 +81,13 @@ impl IngressError {
 }
 
 impl IngressError {
-    /// A JSON body that does not parse (400) or does not fit the schema (422). serde's
-    /// type errors quote the offending value (a phone number, say); only the expectation is kept.
+    /// A JSON body that does not parse (400) or does not fit the schema (422), described
+    /// without the refused value.
     pub fn from_json(e: &serde_json::Error) -> Self {
-        let text = e.to_string();
+        let message = shared::redact::json_error(e);
         match e.classify() {
-            serde_json::error::Category::Data => {
-                let message = match text.split_once(", expected ") {
-                    Some((problem, expected))
-                        if problem.starts_with("invalid type") || problem.starts_with("invalid value") =>
-                    {
-                        format!("a field has the wrong type or value: expected {expected}")
-                    }
-                    _ => text,
-                };
-                Self::InvalidField { field: None, message }
-            }
-            _ => Self::MalformedJson(text),
+            serde_json::error::Category::Data => Self::InvalidField { field: None, message },
+            _ => Self::MalformedJson(message),
         }
     }
 }

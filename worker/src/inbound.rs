@@ -60,8 +60,8 @@ pub fn normalize_number(raw: &str) -> String {
 }
 
 pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
-    let event: CallbackEvent =
-        serde_json::from_slice(payload).map_err(|e| format!("not a JSON callback event: {e}"))?;
+    let event: CallbackEvent = serde_json::from_slice(payload)
+        .map_err(|e| format!("not a JSON callback event: {}", shared::redact::json_error(&e)))?;
     if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
         return Err(format!("unsupported schema {:?} version {}", event.schema, event.version));
     }

@@ -231,7 +231,8 @@ fn parse(delivery: &Delivery) -> Result<SendJob, String> {
     if version.is_some_and(|v| v != i64::from(SendJob::VERSION)) {
         return Err(format!("unsupported send job version {version:?} (expected {})", SendJob::VERSION));
     }
-    serde_json::from_slice::<SendJob>(&delivery.data).map_err(|e| format!("not a valid send job: {e}"))
+    serde_json::from_slice::<SendJob>(&delivery.data)
+        .map_err(|e| format!("not a valid send job: {}", shared::redact::json_error(&e)))
 }
 
 async fn ack(delivery: &Delivery) -> anyhow::Result<()> {

@@ -50,7 +50,8 @@ pub enum Poison {
 }
 
 pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
-    let event: CallbackEvent = serde_json::from_slice(payload).map_err(|e| Poison::NotJson(e.to_string()))?;
+    let event: CallbackEvent =
+        serde_json::from_slice(payload).map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))?;
     if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
         return Err(Poison::WrongSchema {
             schema: event.schema,
