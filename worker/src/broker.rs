@@ -49,14 +49,8 @@ impl Session {
                 .await?;
             Ok((channel, consumer))
         };
-        match shared::amqp::set_up(settings, setup).await {
-            Ok((channel, consumer)) => Ok(Self { connection, channel, consumer }),
-            Err(e) => {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), connection.close(200, "setup failed".into())).await;
-                Err(e)
-            }
-        }
+        let (channel, consumer) = shared::amqp::set_up(settings, &connection, setup).await?;
+        Ok(Self { connection, channel, consumer })
     }
 
     /// The next delivery, or why the session is over. The connection is also checked every

@@ -31,17 +31,20 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Conn
 
 /// Runs connection setup (channels, topology, QoS, consumers) bounded by
 /// `amqp.connect_timeout_ms`: a broker that accepts the connection but stops answering must
-/// not hold a reconnect loop forever.
+/// not hold a reconnect loop forever. On failure the connection is closed (itself bounded).
 pub async fn set_up<T>(
     settings: &AmqpSettings,
+    connection: &Connection,
     setup: impl std::future::Future<Output = Result<T, lapin::Error>>,
 ) -> anyhow::Result<T> {
-    match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), setup).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(anyhow::anyhow!("cannot set up RabbitMQ channels and topology: {e}")),
-        Err(_) => Err(anyhow::anyhow!(
+    let error = match tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms), setup).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => anyhow::anyhow!("cannot set up RabbitMQ channels and topology: {e}"),
+        Err(_) => anyhow::anyhow!(
             "cannot set up RabbitMQ channels and topology: no answer within {} ms",
             settings.connect_timeout_ms
-        )),
-    }
+        ),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "setup failed".into())).await;
+    Err(error)
 }

@@ -185,13 +185,8 @@ async fn establish(inner: &Inner) -> anyhow::Result<Live> {
         }
         Ok::<_, lapin::Error>(channels)
     };
-    match super::set_up(&inner.settings, setup).await {
-        Ok(channels) => Ok(Live { connection, channels }),
-        Err(e) => {
-            let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "setup failed".into())).await;
-            Err(e)
-        }
-    }
+    let channels = super::set_up(&inner.settings, &connection, setup).await?;
+    Ok(Live { connection, channels })
 }
 
 async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {

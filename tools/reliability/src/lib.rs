@@ -14,7 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
+use futures_util::future::FusedFuture as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 use plivo_sim::{SimConfig, SimMessage, Stats};
 use secrecy::SecretString;
 use serde::Serialize;
@@ -477,13 +478,20 @@ impl System {
     }
 }
 
-/// Runs `rabbitmqctl` (or the command in `SMSFLOW_TEST_RABBITMQCTL`, e.g.
-/// `docker compose exec -T rabbitmq rabbitmqctl`) and fails loudly if it cannot.
-pub async fn rabbitmqctl(args: &[&str]) -> String {
+/// `rabbitmqctl args…`, or the command in `SMSFLOW_TEST_RABBITMQCTL` (e.g.
+/// `docker compose exec -T rabbitmq rabbitmqctl`), and how to name it in a message.
+fn rabbitmqctl_command(args: &[&str]) -> (std::process::Command, String) {
     let command = std::env::var("SMSFLOW_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
     let mut words = command.split_whitespace();
-    let program = words.next().expect("SMSFLOW_TEST_RABBITMQCTL names a command");
-    let output = tokio::process::Command::new(program).args(words).args(args).output().await.unwrap_or_else(|e| {
+    let mut process = std::process::Command::new(words.next().unwrap_or("rabbitmqctl"));
+    process.args(words).args(args);
+    (process, command)
+}
+
+/// Runs `rabbitmqctl` (see `rabbitmqctl_command`) and fails loudly if it cannot.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let (process, command) = rabbitmqctl_command(args);
+    let output = tokio::process::Command::from(process).output().await.unwrap_or_else(|e| {
         panic!("cannot run `{command}` ({e}); set SMSFLOW_TEST_RABBITMQCTL to a working rabbitmqctl")
     });
     assert!(
@@ -519,11 +527,7 @@ impl Drop for BrokerStopped {
         if self.running_again {
             return;
         }
-        let command = std::env::var("SMSFLOW_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
-        let mut words = command.split_whitespace();
-        if let Some(program) = words.next() {
-            let _ = std::process::Command::new(program).args(words).arg("start_app").status();
-        }
+        let _ = rabbitmqctl_command(&["start_app"]).0.status();
     }
 }
 
@@ -556,11 +560,12 @@ impl Callbacks {
         self.signed_callback(params, &nonce).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
     }
 
-    /// Valid signed callbacks every 50 ms until `stop` is cancelled: how the ingress treats
+    /// Valid signed callbacks every 50 ms until `until` completes: how the ingress treats
     /// real traffic while something else is going on.
-    pub async fn probe_valid_callbacks(&self, label: &str, stop: CancellationToken) -> Probe {
+    pub async fn probe_valid_callbacks(&self, label: &str, until: impl std::future::Future<Output = ()>) -> Probe {
         let mut probe = Probe::default();
-        while !stop.is_cancelled() {
+        let mut until = std::pin::pin!(until.fuse());
+        while !until.is_terminated() {
             let uuid = format!("probe-{label}-{}", probe.sent);
             let started = Instant::now();
             let status = self.post_signed_callback(&[("MessageUUID", &uuid), ("Status", "queued")]).await;
@@ -570,7 +575,7 @@ impl Callbacks {
                 probe.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
             }
             tokio::select! {
-                () = stop.cancelled() => {}
+                () = &mut until => {}
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }

@@ -77,33 +77,33 @@ async fn worker_killed_mid_batch_and_restarted_after_5_s(_: PgPoolOptions, datab
     .await;
 }
 
-#[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn ingress_stopped_gracefully_under_load(_: PgPoolOptions, database: PgConnectOptions) {
-    run_scenario(database, |pool| async move {
+/// The ingress stopped under load, gracefully or at once, and back on the same address 2 s later.
+async fn ingress_stopped_under_load(
+    database: PgConnectOptions,
+    graceful: bool,
+    scenario: &'static str,
+    fault: &'static str,
+) {
+    run_scenario(database, move |pool| async move {
         let (mut system, traffic, description) = with_traffic(pool).await;
-        system.stop_ingress(true).await;
+        system.stop_ingress(graceful).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         system.restart_ingress().await;
-        let outcome =
-            finish(system, traffic, "2a. ingress SIGTERM", description, "ingress graceful shutdown, back after 2 s")
-                .await;
+        let outcome = finish(system, traffic, scenario, description, fault).await;
         assert_kept(&outcome, 0);
     })
     .await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn ingress_stopped_gracefully_under_load(_: PgPoolOptions, database: PgConnectOptions) {
+    ingress_stopped_under_load(database, true, "2a. ingress SIGTERM", "ingress graceful shutdown, back after 2 s")
+        .await;
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn ingress_killed_under_load(_: PgPoolOptions, database: PgConnectOptions) {
-    run_scenario(database, |pool| async move {
-        let (mut system, traffic, description) = with_traffic(pool).await;
-        system.stop_ingress(false).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        system.restart_ingress().await;
-        let outcome =
-            finish(system, traffic, "2b. ingress killed", description, "ingress killed (abort), back after 2 s").await;
-        assert_kept(&outcome, 0);
-    })
-    .await;
+    ingress_stopped_under_load(database, false, "2b. ingress killed", "ingress killed (abort), back after 2 s").await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
@@ -258,15 +258,7 @@ async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOption
         let (mut system, traffic, description) = with_traffic(pool).await;
         let address = system.ingress_addr;
         let (forged, slow) = if long_profile() { (100_000, 1000) } else { (5_000, 100) };
-        let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                stop.cancel();
-            }
-        });
-        let before = system.callbacks().probe_valid_callbacks("before", stop).await;
+        let before = system.callbacks().probe_valid_callbacks("before", tokio::time::sleep(Duration::from_secs(2))).await;
         let stop = tokio_util::sync::CancellationToken::new();
         // Slow clients: each opens a connection and trickles a body one byte a second.
         let mut trickles = Vec::new();
@@ -289,7 +281,7 @@ async fn forged_flood_and_slow_clients_do_not_cost_valid_traffic(_: PgPoolOption
         // Forged callbacks as fast as 32 connections allow, with valid ones among them.
         let during = tokio::spawn({
             let (callbacks, stop) = (system.callbacks(), stop.clone());
-            async move { callbacks.probe_valid_callbacks("during", stop).await }
+            async move { callbacks.probe_valid_callbacks("during", stop.cancelled_owned()).await }
         });
         let client = system.client.clone();
         let url = format!("http://{address}/plivo/callback");
