@@ -2,6 +2,7 @@
 //! to their work queue. A dry run only counts them by reason.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -36,7 +37,7 @@ pub async fn replay_dead_letters(
 
     let shutdown = CancellationToken::new();
     let publisher = Publisher::start(settings.clone(), topology.clone(), "smsflow-worker replay", shutdown.clone());
-    if !dry_run && !publisher.wait_ready(std::time::Duration::from_millis(settings.connect_timeout_ms)).await {
+    if !dry_run && !publisher.wait_ready(Duration::from_millis(settings.connect_timeout_ms)).await {
         anyhow::bail!("cannot open a publishing connection to RabbitMQ");
     }
     let mut report = ReplayReport::default();
@@ -70,8 +71,22 @@ pub async fn replay_dead_letters(
         message.delivery.acker.ack(BasicAckOptions::default()).await?;
         report.replayed += 1;
     }
+    let held_count = held.len() as u32;
     for message in held {
         message.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+    }
+    if held_count > 0 {
+        // A quorum queue applies the requeue asynchronously: wait until the messages are back
+        // so that whoever looks right after a dry run sees the queue as it was.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready =
+                channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await?.message_count();
+            if ready >= held_count || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     shutdown.cancel();
     publisher.close().await;
