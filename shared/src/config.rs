@@ -208,6 +208,8 @@ pub struct AmqpSettings {
     pub retry_delays_ms: Vec<u64>,
     pub connect_timeout_ms: u64,
     pub reconnect_give_up_ms: u64,
+    /// 0: queues live until deleted. Otherwise RabbitMQ deletes a queue left unused this long.
+    pub idle_queue_expiry_ms: u64,
 }
 
 impl AmqpSettings {

@@ -17,6 +17,10 @@ pub fn amqp_url() -> String {
     std::env::var("SMSFLOW_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
+/// A test's queues outlive it only this long, whatever re-declared them after its cleanup (a
+/// worker still reconnecting, a killed test process). Longer than the longest scenario.
+const TEST_QUEUE_EXPIRY_MS: u64 = 60 * 60 * 1000;
+
 const START_HINT: &str = "start it with `docker compose up -d rabbitmq` or `rabbitmq-server -detached`";
 
 /// A RabbitMQ topology under a random prefix, deleted when dropped.
@@ -36,7 +40,7 @@ impl TestBroker {
 
     pub async fn with_retry_delays(retry_delays_ms: Vec<u64>) -> Self {
         let prefix = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let topology = Topology::new(prefix.clone(), 5, retry_delays_ms);
+        let topology = Topology::new(prefix.clone(), 5, retry_delays_ms).with_idle_expiry(TEST_QUEUE_EXPIRY_MS);
         Self::open(prefix, topology, true).await
     }
 
@@ -68,7 +72,20 @@ impl TestBroker {
         settings.prefix = self.prefix.clone();
         settings.delivery_limit = 5;
         settings.retry_delays_ms = self.topology.retry_delays_ms().to_vec();
+        settings.idle_queue_expiry_ms = self.topology.idle_expiry_ms();
         settings
+    }
+
+    /// The same settings as environment variables, for a service started as a child process.
+    pub fn amqp_env(&self) -> Vec<(&'static str, String)> {
+        let settings = self.amqp_settings();
+        vec![
+            ("SMSFLOW_AMQP__URL", amqp_url()),
+            ("SMSFLOW_AMQP__PREFIX", settings.prefix),
+            ("SMSFLOW_AMQP__DELIVERY_LIMIT", settings.delivery_limit.to_string()),
+            ("SMSFLOW_AMQP__RETRY_DELAYS_MS", format!("{:?}", settings.retry_delays_ms)),
+            ("SMSFLOW_AMQP__IDLE_QUEUE_EXPIRY_MS", settings.idle_queue_expiry_ms.to_string()),
+        ]
     }
 
     /// Takes one message off a queue, if any.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
-use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, amqp_url};
+use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker};
 
 use crate::helpers::{signed_post, status_params};
 
@@ -30,10 +30,7 @@ async fn stop_under_load(signal: &str) {
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", TEST_AUTH_TOKEN)
         .env("SMSFLOW_HTTP__PUBLIC_BASE_URL", TEST_PUBLIC_BASE_URL)
         .env("SMSFLOW_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("SMSFLOW_AMQP__URL", amqp_url())
-        .env("SMSFLOW_AMQP__PREFIX", &broker.prefix)
-        .env("SMSFLOW_AMQP__DELIVERY_LIMIT", "5")
-        .env("SMSFLOW_AMQP__RETRY_DELAYS_MS", "[200, 400]")
+        .envs(broker.amqp_env())
         .env("SMSFLOW_TELEMETRY__LOG_FILTER", "warn")
         .kill_on_drop(true)
         .spawn()

@@ -53,15 +53,28 @@ pub struct Topology {
     prefix: String,
     delivery_limit: u32,
     retry_delays_ms: Vec<u64>,
+    idle_expiry_ms: Option<u64>,
 }
 
 impl Topology {
     pub fn new(prefix: impl Into<String>, delivery_limit: u32, retry_delays_ms: Vec<u64>) -> Self {
-        Self { prefix: prefix.into(), delivery_limit, retry_delays_ms }
+        Self { prefix: prefix.into(), delivery_limit, retry_delays_ms, idle_expiry_ms: None }
+    }
+
+    /// Queues that RabbitMQ deletes after `ms` without use, for throwaway topologies; every
+    /// declarer of one topology must agree, or RabbitMQ refuses the declaration.
+    pub fn with_idle_expiry(mut self, ms: u64) -> Self {
+        self.idle_expiry_ms = (ms > 0).then_some(ms);
+        self
     }
 
     pub fn from_settings(settings: &AmqpSettings) -> Self {
         Self::new(&settings.prefix, settings.delivery_limit, settings.retry_delays_ms.clone())
+            .with_idle_expiry(settings.idle_queue_expiry_ms)
+    }
+
+    pub fn idle_expiry_ms(&self) -> u64 {
+        self.idle_expiry_ms.unwrap_or(0)
     }
 
     pub fn prefix(&self) -> &str {
@@ -115,7 +128,7 @@ impl Topology {
         let work = self.queue(stream);
         let dead = self.dead_letter_queue(stream);
 
-        channel.queue_declare(dead.as_str().into(), durable, quorum_args()).await?;
+        channel.queue_declare(dead.as_str().into(), durable, self.queue_args(quorum_args())).await?;
         channel
             .queue_bind(
                 dead.as_str().into(),
@@ -129,7 +142,7 @@ impl Topology {
         let mut args = dead_lettering_args(&self.dead_letter_exchange(), stream.name());
         // Without an explicit limit RabbitMQ 4 drops a message after 20 redeliveries.
         args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
-        channel.queue_declare(work.as_str().into(), durable, args).await?;
+        channel.queue_declare(work.as_str().into(), durable, self.queue_args(args)).await?;
         channel
             .queue_bind(
                 work.as_str().into(),
@@ -147,9 +160,16 @@ impl Topology {
             // Expired messages go straight back to the work queue through the default exchange.
             let mut args = dead_lettering_args("", &work);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*delay_ms as i64));
-            channel.queue_declare(retry.as_str().into(), durable, args).await?;
+            channel.queue_declare(retry.as_str().into(), durable, self.queue_args(args)).await?;
         }
         Ok(())
+    }
+
+    fn queue_args(&self, mut args: FieldTable) -> FieldTable {
+        if let Some(ms) = self.idle_expiry_ms {
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
+        }
+        args
     }
 }
 
@@ -192,5 +212,22 @@ mod tests {
         assert_eq!(t.retry_queue(Stream::Inbound, 2).as_deref(), Some("p1.inbound.retry.2"));
         assert_eq!(t.retry_queue(Stream::Inbound, 3), None);
         assert_eq!(t.retry_queue(Stream::Inbound, 0), None);
+    }
+
+    #[test]
+    fn queues_expire_only_when_an_idle_expiry_is_set() {
+        let expires = |t: &Topology| {
+            t.queue_args(FieldTable::default())
+                .inner()
+                .iter()
+                .find(|(k, _)| k.as_str() == "x-expires")
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(expires(&Topology::new("p", 5, vec![]).with_idle_expiry(0)), None);
+        assert_eq!(expires(&Topology::new("p", 5, vec![])), None);
+        assert_eq!(
+            expires(&Topology::new("p", 5, vec![]).with_idle_expiry(3_600_000)),
+            Some(AMQPValue::LongLongInt(3_600_000))
+        );
     }
 }
