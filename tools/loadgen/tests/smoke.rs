@@ -3,34 +3,16 @@
 
 use loadgen::callbacks::{CallbackLoad, run};
 use loadgen::ceiling::{CeilingArgs, measure};
-use shared::testing::database_url;
-use shared::testing::{TEST_AUTH_TOKEN, TestBroker, amqp_url, base_ingress_settings, base_worker_settings};
+use reliability::{Stack, sim_config};
+use shared::testing::{TEST_AUTH_TOKEN, amqp_url, database_url};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_short_callback_run_loses_nothing(pool: PgPool) {
-    let broker = TestBroker::new().await;
-    let shutdown = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let mut ingress_settings = base_ingress_settings();
-    ingress_settings.amqp = broker.amqp_settings();
-    ingress_settings.http.public_base_url = base.clone();
-    tokio::spawn(ingress::run(ingress_settings, listener, shutdown.clone()));
-    let mut worker_settings = base_worker_settings();
-    worker_settings.amqp = broker.amqp_settings();
-    let worker = tokio::spawn(worker::run_with(worker_settings, pool.clone(), None, shutdown.clone()));
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let stack = Stack::start(pool.clone(), sim_config(), |_, _| {}).await;
 
     let report = run(&CallbackLoad {
-        ingress: base,
+        ingress: stack.ingress_url.clone(),
         public_base_url: None,
         auth_token: TEST_AUTH_TOKEN.into(),
         count: 600,
@@ -49,8 +31,7 @@ async fn a_short_callback_run_loses_nothing(pool: PgPool) {
     assert_eq!(report.answers.keys().collect::<Vec<_>>(), ["200"], "{report:?}");
     assert_eq!(report.lost_events, Some(0), "{report:?}");
     assert_eq!(report.stored_events, Some(report.acknowledged_events as i64), "{report:?}");
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    stack.stop().await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]

@@ -7,17 +7,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use plivo_sim::{SimConfig, SimMessage, Stats};
-use secrecy::SecretString;
+use reliability::{API_TOKEN, SIM_AUTH_ID, Stack};
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
 use shared::amqp::{Publisher, Stream};
-use shared::testing::{TEST_AUTH_TOKEN, TestBroker, base_ingress_settings, base_worker_settings};
+use shared::testing::TEST_AUTH_TOKEN;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
-
-const API_TOKEN: &str = "e2e-api-token-0123456789";
-const SIM_AUTH_ID: &str = "MASIMULATOR000000001";
-const SENDER: &str = "+14155559999";
 
 /// id, Plivo MessageUUID, status, error code.
 type MessageRow = (uuid::Uuid, Option<String>, String, Option<i32>);
@@ -35,45 +31,11 @@ fn sim_config() -> SimConfig {
     }
 }
 
-async fn bind() -> (tokio::net::TcpListener, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    (listener, address)
-}
-
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool: PgPool) {
-    let broker = TestBroker::new().await;
-    let shutdown = CancellationToken::new();
-    let (sim_listener, sim_url) = bind().await;
-    let (ingress_listener, ingress_url) = bind().await;
-    tokio::spawn(plivo_sim::run(sim_config(), sim_listener, shutdown.clone()));
-
-    let mut ingress_settings = base_ingress_settings();
-    ingress_settings.amqp = broker.amqp_settings();
-    ingress_settings.http.public_base_url = ingress_url.clone();
-    ingress_settings.api.tokens = vec![SecretString::from(API_TOKEN)];
-    ingress_settings.api.rate_per_second = 10_000;
-    ingress_settings.api.burst = 10_000;
-    ingress_settings.plivo.default_sender = SENDER.into();
-    tokio::spawn(ingress::run(ingress_settings, ingress_listener, shutdown.clone()));
-
-    let mut worker_settings = base_worker_settings();
-    worker_settings.amqp = broker.amqp_settings();
-    worker_settings.http.public_base_url = ingress_url.clone();
-    worker_settings.plivo.api_base_url = sim_url.clone();
-    worker_settings.plivo.auth_id = SIM_AUTH_ID.into();
-    worker_settings.plivo.default_sender = SENDER.into();
-    worker_settings.sending.sender_rate_per_second = 2000.0;
-    worker_settings.sending.sender_burst = 2000;
-    worker_settings.sending.concurrency = 64;
-    let worker = tokio::spawn(worker::run_with(worker_settings.clone(), pool.clone(), None, shutdown.clone()));
-
-    let client = reqwest::Client::new();
-    wait_until("ingress ready", Duration::from_secs(20), async || {
-        client.get(format!("{ingress_url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    let stack = Stack::start(pool.clone(), sim_config(), |_, worker| worker.sending.concurrency = 64).await;
+    let (client, ingress_url, sim_url) = (stack.client.clone(), stack.ingress_url.clone(), stack.sim_url.clone());
+    let worker_settings = stack.worker_settings.clone();
 
     // 1,000 over HTTP …
     let http_ids: Vec<String> = futures_util::stream::iter(0..1000)
@@ -193,11 +155,11 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
     assert_eq!(ids, sent, "the rows are exactly the jobs sent");
 
     for stream in Stream::ALL {
-        assert_eq!(broker.len(&broker.topology.dead_letter_queue(stream)).await, 0, "no dead letters in {stream:?}");
+        let dead = stack.broker.topology.dead_letter_queue(stream);
+        assert_eq!(stack.broker.len(&dead).await, 0, "no dead letters in {stream:?}");
     }
-    shutdown.cancel();
     publisher_shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    stack.stop().await;
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

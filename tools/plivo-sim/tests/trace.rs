@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use opentelemetry::trace::SpanKind;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use shared::plivo::form::encode_pairs;
-use shared::plivo::signature::{SignedRequest, sign_v3};
-use shared::testing::{TEST_AUTH_TOKEN, TestBroker, base_ingress_settings, base_worker_settings};
+use reliability::{Stack, sim_config};
+use shared::testing::base_ingress_settings;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 fn find<'a>(spans: &'a [SpanData], kind: SpanKind, name_prefix: &str) -> &'a SpanData {
     spans.iter().find(|s| s.span_kind == kind && s.name.starts_with(name_prefix)).unwrap_or_else(|| {
@@ -28,43 +26,12 @@ async fn one_trace_covers_the_callback_from_request_to_database_row(pool: PgPool
     telemetry.log_filter = "off".into();
     shared::telemetry::install("smsflow-test", &telemetry, provider.clone()).unwrap();
 
-    let broker = TestBroker::new().await;
-    let shutdown = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let mut ingress_settings = base_ingress_settings();
-    ingress_settings.amqp = broker.amqp_settings();
-    ingress_settings.http.public_base_url = base.clone();
-    tokio::spawn(ingress::run(ingress_settings, listener, shutdown.clone()));
-    let mut worker_settings = base_worker_settings();
-    worker_settings.amqp = broker.amqp_settings();
-    let worker = tokio::spawn(worker::run_with(worker_settings, pool.clone(), None, shutdown.clone()));
-
-    let client = reqwest::Client::new();
-    for _ in 0..100 {
-        if client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let params: Vec<(String, String)> = [("MessageUUID", "traced-1"), ("Status", "delivered"), ("Sequence", "3")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let url = format!("{base}/plivo/callback");
-    let nonce = "12345678901234567890";
-    let signature =
-        sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body: &params, nonce }).unwrap();
-    let response = client
-        .post(&url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-plivo-signature-v3", signature)
-        .header("x-plivo-signature-v3-nonce", nonce)
-        .body(encode_pairs(&params))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let stack = Stack::start(pool.clone(), sim_config(), |_, _| {}).await;
+    let answer = stack
+        .callbacks()
+        .post_signed_callback(&[("MessageUUID", "traced-1"), ("Status", "delivered"), ("Sequence", "3")])
+        .await;
+    assert_eq!(answer, 200);
     for _ in 0..100 {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM message_events").fetch_one(&pool).await.unwrap();
         if n == 1 {
@@ -72,8 +39,7 @@ async fn one_trace_covers_the_callback_from_request_to_database_row(pool: PgPool
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    shutdown.cancel();
-    worker.await.unwrap().unwrap();
+    stack.stop().await;
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
 

@@ -20,17 +20,16 @@ use plivo_sim::{SimConfig, SimMessage, Stats};
 use secrecy::SecretString;
 use serde::Serialize;
 use shared::amqp::Stream;
-use shared::testing::{
-    CuttableProxy, TEST_AUTH_TOKEN, TestBroker, amqp_address, base_ingress_settings, base_worker_settings,
-};
+use shared::testing::{CuttableProxy, TEST_AUTH_TOKEN, TestBroker, amqp_address};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const API_TOKEN: &str = "reliability-api-token-0123";
-const SIM_AUTH_ID: &str = "MASIMULATOR000000001";
-const SENDER: &str = "+14155559999";
+pub mod stack;
+
+pub use stack::{API_TOKEN, SIM_AUTH_ID, Stack};
+use stack::{bind_local, wired_settings};
 
 /// Short (CI) or long (on demand) profile.
 pub fn long_profile() -> bool {
@@ -176,33 +175,20 @@ impl System {
             .unwrap();
         let database_proxy = CuttableProxy::start(pg).await;
 
-        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let sim_url = format!("http://{}", sim_listener.local_addr().unwrap());
+        let (sim_listener, sim_addr) = bind_local().await;
+        let sim_url = format!("http://{sim_addr}");
         let sim_shutdown = CancellationToken::new();
         tokio::spawn(plivo_sim::run(sim, sim_listener, sim_shutdown.clone()));
 
-        let ingress_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ingress_addr = ingress_listener.local_addr().unwrap();
+        let (ingress_listener, ingress_addr) = bind_local().await;
         let mut amqp = broker.amqp_settings();
         amqp.url = SecretString::from(broker_proxy.amqp_url());
         amqp.reconnect_give_up_ms = 600_000;
-        let mut ingress_settings = base_ingress_settings();
-        ingress_settings.amqp = amqp.clone();
-        ingress_settings.http.public_base_url = format!("http://{ingress_addr}");
-        ingress_settings.api.tokens = vec![SecretString::from(API_TOKEN)];
-        ingress_settings.api.rate_per_second = 10_000;
-        ingress_settings.api.burst = 10_000;
-        ingress_settings.plivo.default_sender = SENDER.into();
-        let mut worker_settings = base_worker_settings();
-        worker_settings.amqp = amqp;
+        let (ingress_settings, mut worker_settings) =
+            wired_settings(&amqp, &format!("http://{ingress_addr}"), &sim_url);
         worker_settings.amqp.url = SecretString::from(worker_broker_proxy.amqp_url());
-        worker_settings.http.public_base_url = format!("http://{ingress_addr}");
-        worker_settings.plivo.api_base_url = sim_url.clone();
-        worker_settings.plivo.auth_id = SIM_AUTH_ID.into();
-        worker_settings.plivo.default_sender = SENDER.into();
+        // Scenario 5's "accepted, answered too late" must be decided within the scenario.
         worker_settings.plivo.request_timeout_ms = 2000;
-        worker_settings.sending.sender_rate_per_second = 1000.0;
-        worker_settings.sending.sender_burst = 1000;
 
         let mut system = Self {
             broker,
@@ -331,20 +317,12 @@ impl System {
 
     /// Waits (at most 30 s) until the ingress answers `/readyz` with 200.
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let probe = self.client.get(format!("http://{}/readyz", self.ingress_addr)).timeout(Duration::from_secs(2));
-            if probe.send().await.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the ingress did not become ready within 30 s");
+        stack::wait_ready(&self.client, &format!("http://{}", self.ingress_addr)).await;
     }
 
     /// Signed callbacks straight to the ingress, as Plivo would send them.
     pub fn callbacks(&self) -> Callbacks {
-        Callbacks { client: self.client.clone(), ingress_addr: self.ingress_addr }
+        Callbacks::new(self.client.clone(), self.ingress_addr)
     }
 
     /// A traffic source that runs on its own task while faults act on the system.
@@ -539,6 +517,10 @@ pub struct Callbacks {
 }
 
 impl Callbacks {
+    pub fn new(client: reqwest::Client, ingress_addr: SocketAddr) -> Self {
+        Self { client, ingress_addr }
+    }
+
     /// A status callback signed as Plivo signs it (V3, the simulator's auth token).
     pub fn signed_callback(&self, params: &[(&str, &str)], nonce: &str) -> reqwest::RequestBuilder {
         use shared::plivo::signature::{SignedRequest, sign_v3};
