@@ -154,6 +154,22 @@ impl Drop for TestBroker {
     }
 }
 
+/// A callback event as the ingress would queue it, carrying `params`.
+pub fn callback_event(params: &[(&str, &str)]) -> crate::amqp::contracts::CallbackEvent {
+    use crate::amqp::contracts::CallbackEvent;
+    CallbackEvent {
+        schema: CallbackEvent::SCHEMA.into(),
+        version: CallbackEvent::VERSION,
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        query: vec![],
+        reference: None,
+        method: "POST".into(),
+        signature: "v3".into(),
+        received_at: time::OffsetDateTime::now_utc(),
+        request_id: uuid::Uuid::new_v4().to_string(),
+    }
+}
+
 /// Ingress settings for tests: defaults plus the test token and public URL.
 pub fn base_ingress_settings() -> IngressSettings {
     crate::config::load_with_env(None, test_env()).expect("test settings load")

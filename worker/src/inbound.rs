@@ -171,28 +171,14 @@ mod tests {
     use super::*;
 
     fn event(text: &str, intent: &str) -> Vec<u8> {
-        let params: Vec<(String, String)> = [
+        let params = [
             ("From", "14155552671"),
             ("To", "14155559999"),
             ("Text", text),
             ("MessageUUID", "in-1"),
             ("MessageIntent", intent),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        serde_json::to_vec(&CallbackEvent {
-            schema: CallbackEvent::SCHEMA.into(),
-            version: 1,
-            params,
-            query: vec![],
-            reference: None,
-            method: "POST".into(),
-            signature: "v3".into(),
-            received_at: OffsetDateTime::UNIX_EPOCH,
-            request_id: "r".into(),
-        })
-        .unwrap()
+        ];
+        serde_json::to_vec(&shared::testing::callback_event(&params)).unwrap()
     }
 
     #[test]

@@ -142,18 +142,7 @@ mod tests {
     use super::*;
 
     fn event(params: &[(&str, &str)]) -> Vec<u8> {
-        let event = CallbackEvent {
-            schema: CallbackEvent::SCHEMA.into(),
-            version: CallbackEvent::VERSION,
-            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            query: vec![],
-            reference: None,
-            method: "POST".into(),
-            signature: "v3".into(),
-            received_at: OffsetDateTime::UNIX_EPOCH,
-            request_id: "r".into(),
-        };
-        serde_json::to_vec(&event).unwrap()
+        serde_json::to_vec(&shared::testing::callback_event(params)).unwrap()
     }
 
     #[test]

@@ -7,7 +7,6 @@ use shared::amqp::{Publisher, Stream};
 use shared::config::WorkerSettings;
 use shared::testing::{TestBroker, base_worker_settings};
 use sqlx::PgPool;
-use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -23,7 +22,8 @@ pub struct TestWorker {
 
 /// A status callback as the ingress would queue it.
 pub fn callback(message_uuid: &str, status: &str, sequence: u32) -> CallbackEvent {
-    let mut params: Vec<(String, String)> = [
+    let sequence = sequence.to_string();
+    shared::testing::callback_event(&[
         ("MessageUUID", message_uuid),
         ("Status", status),
         ("To", "14155550199"),
@@ -31,23 +31,9 @@ pub fn callback(message_uuid: &str, status: &str, sequence: u32) -> CallbackEven
         ("Units", "1"),
         ("TotalAmount", "0.00650"),
         ("TotalRate", "0.00650"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    params.push(("Sequence".into(), sequence.to_string()));
-    params.push(("ErrorCode".into(), if status == "undelivered" { "30".into() } else { String::new() }));
-    CallbackEvent {
-        schema: CallbackEvent::SCHEMA.into(),
-        version: CallbackEvent::VERSION,
-        params,
-        query: vec![],
-        reference: None,
-        method: "POST".into(),
-        signature: "v3".into(),
-        received_at: OffsetDateTime::now_utc(),
-        request_id: Uuid::new_v4().to_string(),
-    }
+        ("Sequence", &sequence),
+        ("ErrorCode", if status == "undelivered" { "30" } else { "" }),
+    ])
 }
 
 pub fn settings_for(broker: &TestBroker) -> WorkerSettings {

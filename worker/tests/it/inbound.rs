@@ -13,19 +13,14 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::helpers::{callback, fake_plivo, publish_job, send_job, start_worker, wait_for_events, wait_for_status};
 
 fn inbound(uuid: &str, text: &str) -> CallbackEvent {
-    let mut event = callback(uuid, "", 0);
-    event.params = [
+    shared::testing::callback_event(&[
         ("From", "14155552671"),
         ("To", "14155550100"),
         ("Text", text),
         ("Type", "sms"),
         ("MessageUUID", uuid),
         ("Units", "1"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    event
+    ])
 }
 
 async fn publish_inbound(worker: &crate::helpers::TestWorker, event: &CallbackEvent) {
