@@ -28,6 +28,34 @@ pub fn phone(number: &str) -> String {
     format!("***{tail}")
 }
 
+/// Free text from elsewhere (Plivo's error messages) made safe to log, store or answer with:
+/// every run of 7 or more digits standing alone, with an optional leading `+`, is masked as
+/// `phone` masks a number. Digits inside a word (a UUID's `1231380bc196`) are left alone.
+pub fn numbers_in(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut start = 0;
+    while start < chars.len() {
+        let digits_from = if chars[start] == '+' { start + 1 } else { start };
+        let mut end = digits_from;
+        while end < chars.len() && chars[end].is_ascii_digit() {
+            end += 1;
+        }
+        let alone = (start == 0 || !chars[start - 1].is_alphanumeric())
+            && (end == chars.len() || !chars[end].is_alphanumeric());
+        if end - digits_from >= 7 && alone {
+            out.push_str(&phone(&chars[digits_from..end].iter().collect::<String>()));
+        } else {
+            // Copy a short or embedded digit run whole, so that its tail is not taken for a
+            // run of its own.
+            end = end.max(start + 1);
+            out.extend(&chars[start..end]);
+        }
+        start = end;
+    }
+    out
+}
+
 /// A JSON decoding error as text that is safe to log, store or answer with. serde's type and
 /// value errors quote the refused value (a phone number, say); only the expectation is kept.
 /// Syntax errors and missing or unknown fields name no value and stay as they are.
@@ -50,6 +78,26 @@ mod tests {
         assert_eq!(phone("+14155550123"), "***0123");
         assert_eq!(phone("123"), "***123");
         assert_eq!(phone(""), "***");
+    }
+
+    #[test]
+    fn numbers_in_free_text_are_masked_and_nothing_else_changes() {
+        assert_eq!(
+            numbers_in("'dst' +14155550123 is not valid; nor is 4155550199."),
+            "'dst' ***0123 is not valid; nor is ***0199."
+        );
+        for untouched in [
+            "Insufficient Credit",
+            "amount 0.00650, code 420, 123456 units",
+            "api_id db342550-7f1d-11e1-8ea7-1231380bc196",
+            "at 2026-11-27 10:00:00",
+            "+ 12",
+            "",
+        ] {
+            assert_eq!(numbers_in(untouched), untouched);
+        }
+        assert_eq!(numbers_in("1234567"), "***4567");
+        assert_eq!(numbers_in("x1234567"), "x1234567", "inside a word");
     }
 
     #[test]

@@ -115,16 +115,16 @@ impl PlivoClient {
             Ok(response) => response,
             // Connect errors (including connect timeouts) never wrote the request.
             Err(e) if e.is_connect() => {
-                return SendOutcome::NotSent { reason: format!("cannot connect to Plivo: {e}") };
+                return SendOutcome::NotSent { reason: format!("cannot connect to Plivo: {}", describe(&e)) };
             }
-            Err(e) => return SendOutcome::Unknown { reason: format!("no answer from Plivo: {}", without_url(&e)) },
+            Err(e) => return SendOutcome::Unknown { reason: format!("no answer from Plivo: {}", describe(&e)) },
         };
         let status = response.status().as_u16();
         tracing::Span::current().record("http.response.status_code", status);
         let text = match response.text().await {
             Ok(text) => text,
             Err(e) if (200..300).contains(&status) => {
-                tracing::warn!(error = %without_url(&e), "Plivo accepted the message but its answer was cut");
+                tracing::warn!(error = %describe(&e), "Plivo accepted the message but its answer was cut");
                 return SendOutcome::Accepted { message_uuid: None };
             }
             Err(_) => String::new(),
@@ -143,7 +143,8 @@ impl PlivoClient {
     }
 }
 
-/// Plivo's `error` is usually a string, possibly an object; keep it short and printable.
+/// Plivo's `error` is usually a string, possibly an object; keep it short and printable, and
+/// mask any phone number it quotes: it ends up in logs, dead-letter reasons and the status API.
 fn error_text(json: &serde_json::Value, raw: &str) -> String {
     let text = match &json["error"] {
         serde_json::Value::String(s) => s.clone(),
@@ -151,14 +152,50 @@ fn error_text(json: &serde_json::Value, raw: &str) -> String {
         other => other.to_string(),
     };
     let text: String = text.chars().filter(|c| !c.is_control()).take(300).collect();
-    if text.is_empty() { "no error text".into() } else { text }
+    if text.is_empty() { "no error text".into() } else { shared::redact::numbers_in(&text) }
 }
 
-/// reqwest errors print the URL, which carries the account id; keep it out of logs and rows.
-fn without_url(e: &reqwest::Error) -> String {
-    let mut e = e.to_string();
-    if let Some(i) = e.find(" for url (") {
-        e.truncate(i);
+/// reqwest errors print the URL, which carries the account id: keep it out of logs and rows,
+/// and name the cause underneath instead ("error sending request" alone says nothing).
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(i) = text.find(" for url (") {
+        text.truncate(i);
     }
-    e
+    let mut cause = std::error::Error::source(e);
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plivos_error_text_is_kept_short_and_without_phone_numbers() {
+        let json = serde_json::json!({"api_id": "a", "error": "dst +14155550123 is not a valid number"});
+        assert_eq!(error_text(&json, ""), "dst ***0123 is not a valid number");
+        let object = serde_json::json!({"error": {"dst": "14155550123 invalid"}});
+        assert!(!error_text(&object, "").contains("14155550123"), "{}", error_text(&object, ""));
+        assert_eq!(error_text(&serde_json::Value::Null, "upstream\nfailure 14155550123"), "upstreamfailure ***0123");
+        assert_eq!(error_text(&serde_json::Value::Null, ""), "no error text");
+        assert_eq!(error_text(&serde_json::Value::Null, &"x".repeat(1000)).len(), 300);
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_names_its_cause_but_not_the_account_in_the_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let error = reqwest::Client::new()
+            .post(format!("http://{closed}/v1/Account/MAACCOUNTSECRET01/Message/"))
+            .send()
+            .await
+            .unwrap_err();
+        let described = describe(&error);
+        assert!(!described.contains("MAACCOUNTSECRET01"), "{described}");
+        assert!(described.len() > "error sending request".len(), "the cause is named: {described}");
+    }
 }
