@@ -6,7 +6,8 @@
 //! message's `url`: form-encoded callbacks with Plivo's fields, each signed with V3 and a fresh
 //! nonce, with Plivo's retry schedule when the target does not answer 2xx in time. It records
 //! the ground truth and serves it (`GET /_sim/messages`, `GET /_sim/stats`) so tests and the
-//! load tool can compare.
+//! load tool can compare. Tests script Plivo's answers one request at a time
+//! (`POST /_sim/script`) and read back what was asked of it (`GET /_sim/requests`).
 #![forbid(unsafe_code)]
 
 pub mod story;
@@ -172,8 +173,54 @@ fn default_hold_ms() -> u64 {
     30_000
 }
 
+/// The answer to one future Send Message request (`POST /_sim/script` queues them, first in
+/// first out, ahead of the configured behaviour once the request is authenticated), so a test
+/// plays exactly the Plivo it needs: a 429 then a 202, a permanent error, a late answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScriptedAnswer {
+    /// 2xx accepts the message (its story plays); anything else refuses it in Plivo's shape.
+    pub status: u16,
+    /// Plivo's `error` text for a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The `message_uuid` an accepted message gets instead of a fresh one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_uuid: Option<String>,
+    /// Hold the answer this long (ms, not time-scaled): past the client's timeout, an accepted
+    /// message exists but its sender never learns it.
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+impl ScriptedAnswer {
+    pub fn accept() -> Self {
+        Self { status: 202, error: None, message_uuid: None, delay_ms: 0 }
+    }
+
+    pub fn refuse(status: u16, error: &str) -> Self {
+        Self { status, error: Some(error.to_owned()), message_uuid: None, delay_ms: 0 }
+    }
+}
+
+/// A Send Message request as the simulator received it (`GET /_sim/requests`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceivedRequest {
+    /// The JSON body (`null` if it was not JSON).
+    pub body: Value,
+    /// The status the simulator answered with; `None` while it holds the answer, or if the
+    /// client left before it came.
+    pub answered: Option<u16>,
+}
+
+/// The most requests `GET /_sim/requests` keeps (the oldest are dropped): enough for any test,
+/// bounded for a long load run.
+const KEPT_REQUESTS: usize = 10_000;
+
 struct Sim {
     faults: Mutex<Option<(Fault, std::time::Instant, u64)>>,
+    script: Mutex<std::collections::VecDeque<ScriptedAnswer>>,
+    /// Kept with their arrival number, so that a late answer finds its request.
+    requests: Mutex<std::collections::VecDeque<(u64, ReceivedRequest)>>,
     config: SimConfig,
     http: reqwest::Client,
     limiter: TokenBucket,
@@ -195,6 +242,8 @@ fn router(sim: Shared) -> Router {
         .route("/_sim/external", post(external_story))
         .route("/_sim/inbound", post(inbound))
         .route("/_sim/faults", post(set_fault))
+        .route("/_sim/script", post(add_to_script))
+        .route("/_sim/requests", get(list_requests))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(sim)
 }
@@ -205,6 +254,8 @@ pub async fn run(config: SimConfig, listener: TcpListener, shutdown: Cancellatio
     let limiter = TokenBucket::new(config.rate_limit, config.rate_limit.max(1.0));
     let sim = Arc::new(Sim {
         faults: Mutex::new(None),
+        script: Mutex::default(),
+        requests: Mutex::default(),
         config,
         http,
         limiter,
@@ -217,6 +268,62 @@ pub async fn run(config: SimConfig, listener: TcpListener, shutdown: Cancellatio
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// A simulator running in this process, for tests: its URL and its control API (which panics
+/// if the simulator does not answer). It stops when dropped.
+pub struct Simulator {
+    pub url: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Simulator {
+    pub async fn start(config: SimConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the simulator");
+        let url = format!("http://{}", listener.local_addr().expect("simulator address"));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run(config, listener, shutdown.clone()));
+        Self { url, http: reqwest::Client::new(), shutdown }
+    }
+
+    /// Queues answers for the next Send Message requests, in order.
+    pub async fn script(&self, answers: &[ScriptedAnswer]) {
+        let response = self.http.post(format!("{}/_sim/script", self.url)).json(answers).send().await;
+        assert!(response.is_ok_and(|r| r.status() == StatusCode::NO_CONTENT), "the simulator took the script");
+    }
+
+    /// Every Send Message request so far (up to the last 10,000).
+    pub async fn requests(&self) -> Vec<ReceivedRequest> {
+        self.get("/_sim/requests").await
+    }
+
+    /// Plays `fault` for `for_ms` (`hold_ms`: how long an accepted answer is held).
+    pub async fn set_fault(&self, fault: Fault, for_ms: u64, hold_ms: u64) {
+        let body = json!({"fault": fault, "for_ms": for_ms, "hold_ms": hold_ms});
+        let response = self.http.post(format!("{}/_sim/faults", self.url)).json(&body).send().await;
+        assert!(response.is_ok_and(|r| r.status() == StatusCode::NO_CONTENT), "the simulator took the fault");
+    }
+
+    pub async fn stats(&self) -> Stats {
+        self.get("/_sim/stats").await
+    }
+
+    pub async fn messages(&self) -> Vec<SimMessage> {
+        self.get("/_sim/messages").await
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let response = self.http.get(format!("{}{path}", self.url)).send().await;
+        let response = response.unwrap_or_else(|e| panic!("GET {path} from the simulator: {e}"));
+        response.json().await.unwrap_or_else(|e| panic!("GET {path} from the simulator: {e}"))
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 fn plivo_error(status: StatusCode, error: &str) -> Response {
@@ -240,12 +347,39 @@ async fn send_message(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    sim.counters.send_requests.fetch_add(1, Ordering::Relaxed);
-    if !authorized(&sim, &auth_id, &headers) {
+    let arrival = sim.counters.send_requests.fetch_add(1, Ordering::Relaxed);
+    {
+        // Recorded on arrival: a client that times out drops this handler before it answers.
+        let mut requests = sim.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if requests.len() == KEPT_REQUESTS {
+            requests.pop_front();
+        }
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        requests.push_back((arrival, ReceivedRequest { body, answered: None }));
+    }
+    let response = answer_send(&sim, &auth_id, &headers, &body).await;
+    let mut requests = sim.requests.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, request)) = requests.iter_mut().rev().find(|(n, _)| *n == arrival) {
+        request.answered = Some(response.status().as_u16());
+    }
+    response
+}
+
+async fn answer_send(sim: &Shared, auth_id: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    if !authorized(sim, auth_id, headers) {
         sim.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::UNAUTHORIZED, "Authentication credentials invalid");
     }
-    if sim.limiter.try_take().is_err() {
+    let scripted = sim.script.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+    if let Some(answer) = &scripted
+        && !(200..300).contains(&answer.status)
+    {
+        sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(answer.delay_ms)).await;
+        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return plivo_error(status, answer.error.as_deref().unwrap_or("scripted error"));
+    }
+    if scripted.is_none() && sim.limiter.try_take().is_err() {
         sim.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::TOO_MANY_REQUESTS, "too many requests");
     }
@@ -270,7 +404,7 @@ async fn send_message(
         }
         _ => {}
     }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
         sim.counters.invalid.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::BAD_REQUEST, "invalid JSON body");
     };
@@ -296,16 +430,22 @@ async fn send_message(
     let method = field("method").unwrap_or("POST").to_ascii_uppercase();
     let mut uuids = Vec::new();
     for dst in field("dst").unwrap_or_default().split('<').map(str::trim).filter(|d| !d.is_empty()) {
-        let message_uuid = uuid::Uuid::new_v4().to_string();
+        let scripted_uuid = scripted.as_ref().and_then(|a| a.message_uuid.clone()).filter(|_| uuids.is_empty());
+        let message_uuid = scripted_uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let story = Story::choose(&sim.config.weights);
         uuids.push(message_uuid.clone());
         sim.counters.accepted.fetch_add(1, Ordering::Relaxed);
         if let Some(url) = &url {
-            start_story(&sim, message_uuid, src.clone(), dst.to_owned(), url.clone(), method.clone(), story, false);
+            start_story(sim, message_uuid, src.clone(), dst.to_owned(), url.clone(), method.clone(), story, false);
         }
     }
-    if let Some((Fault::AcceptThenHang, hold_ms)) = fault {
-        // The message exists and its story plays, but the answer comes too late.
+    let hold_ms = match (fault, &scripted) {
+        (Some((Fault::AcceptThenHang, hold_ms)), _) => hold_ms,
+        (_, Some(answer)) => answer.delay_ms,
+        _ => 0,
+    };
+    if hold_ms > 0 {
+        // The message exists and its story plays, but the answer comes late.
         sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
     }
@@ -314,6 +454,18 @@ async fn send_message(
         Json(json!({ "api_id": uuid::Uuid::new_v4(), "message": "message(s) queued", "message_uuid": uuids })),
     )
         .into_response()
+}
+
+async fn add_to_script(State(sim): State<Shared>, Json(answers): Json<Vec<ScriptedAnswer>>) -> Response {
+    if let Some(bad) = answers.iter().find(|a| !(200..=599).contains(&a.status)) {
+        return plivo_error(StatusCode::BAD_REQUEST, &format!("status {} is not an HTTP answer (200-599)", bad.status));
+    }
+    sim.script.lock().unwrap_or_else(|e| e.into_inner()).extend(answers);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn list_requests(State(sim): State<Shared>) -> Json<Vec<ReceivedRequest>> {
+    Json(sim.requests.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, r)| r.clone()).collect())
 }
 
 async fn set_fault(State(sim): State<Shared>, Json(request): Json<FaultRequest>) -> StatusCode {

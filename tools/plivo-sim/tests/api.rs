@@ -5,11 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use plivo_sim::{SimConfig, SimMessage};
+use plivo_sim::{SimConfig, SimMessage, Simulator};
 use secrecy::SecretString;
 use shared::plivo::form::parse_body;
 use shared::plivo::signature::{SignatureHeaders, Verifier};
-use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "sim-test-token";
 const AUTH_ID: &str = "MASIMTEST00000000001";
@@ -27,21 +26,14 @@ fn config() -> SimConfig {
     }
 }
 
-async fn start(config: SimConfig) -> (String, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(plivo_sim::run(config, listener, shutdown.clone()));
-    (url, shutdown)
-}
-
 fn send(client: &reqwest::Client, sim: &str, body: serde_json::Value) -> reqwest::RequestBuilder {
     client.post(format!("{sim}/v1/Account/{AUTH_ID}/Message/")).basic_auth(AUTH_ID, Some(TOKEN)).json(&body)
 }
 
 #[tokio::test]
 async fn the_send_api_checks_like_plivo_and_answers_in_plivo_shapes() {
-    let (sim, _stop) = start(config()).await;
+    let running = Simulator::start(config()).await;
+    let sim = &running.url;
     let client = reqwest::Client::new();
 
     let wrong = client
@@ -59,14 +51,14 @@ async fn the_send_api_checks_like_plivo_and_answers_in_plivo_shapes() {
         (serde_json::json!({"src": "14155550100", "text": "t"}), "dst"),
         (serde_json::json!({"src": "14155550100", "dst": "14155552671"}), "text"),
     ] {
-        let response = send(&client, &sim, body).send().await.unwrap();
+        let response = send(&client, sim, body).send().await.unwrap();
         assert_eq!(response.status(), 400, "missing {missing}");
         let error = response.json::<serde_json::Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
         assert!(error.contains(missing), "{error}");
     }
 
     let ok =
-        send(&client, &sim, serde_json::json!({"src": "14155550100", "dst": "14155552671<14155552672", "text": "t"}))
+        send(&client, sim, serde_json::json!({"src": "14155550100", "dst": "14155552671<14155552672", "text": "t"}))
             .send()
             .await
             .unwrap();
@@ -78,12 +70,13 @@ async fn the_send_api_checks_like_plivo_and_answers_in_plivo_shapes() {
 
 #[tokio::test]
 async fn over_its_rate_the_api_answers_429() {
-    let (sim, _stop) = start(SimConfig { rate_limit: 2.0, ..config() }).await;
+    let running = Simulator::start(SimConfig { rate_limit: 2.0, ..config() }).await;
+    let sim = &running.url;
     let client = reqwest::Client::new();
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let body = serde_json::json!({"src": "14155550100", "dst": "14155552671", "text": "t"});
-        statuses.push(send(&client, &sim, body).send().await.unwrap().status().as_u16());
+        statuses.push(send(&client, sim, body).send().await.unwrap().status().as_u16());
     }
     assert!(statuses.contains(&429) && statuses[0] == 202, "{statuses:?}");
 }
@@ -125,11 +118,12 @@ async fn target(failures: usize) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>)
 
 #[tokio::test]
 async fn callbacks_are_signed_and_retried_on_plivos_schedule() {
-    let (sim, _stop) = start(config()).await;
+    let running = Simulator::start(config()).await;
+    let sim = &running.url;
     let (callback_url, seen, valid) = target(2).await;
     let client = reqwest::Client::new();
     let body = serde_json::json!({"src": "14155550100", "dst": "14155552671", "text": "t", "url": callback_url});
-    let answer: serde_json::Value = send(&client, &sim, body).send().await.unwrap().json().await.unwrap();
+    let answer: serde_json::Value = send(&client, sim, body).send().await.unwrap().json().await.unwrap();
     let uuid = answer["message_uuid"][0].as_str().unwrap().to_owned();
 
     let mut message: Option<SimMessage> = None;
@@ -153,4 +147,39 @@ async fn callbacks_are_signed_and_retried_on_plivos_schedule() {
     assert!(message.callbacks.iter().all(|c| c.acknowledged));
     assert_eq!(seen.load(Ordering::Relaxed), 5);
     assert_eq!(valid.load(Ordering::Relaxed), 5, "every callback carries a valid V3 signature");
+}
+
+#[tokio::test]
+async fn scripted_answers_are_played_in_order_and_every_request_is_recorded() {
+    use plivo_sim::ScriptedAnswer;
+    let sim = Simulator::start(config()).await;
+    let client = reqwest::Client::new();
+    sim.script(&[
+        ScriptedAnswer::refuse(503, "try later"),
+        ScriptedAnswer { message_uuid: Some("chosen-uuid".into()), ..ScriptedAnswer::accept() },
+    ])
+    .await;
+    let body = |text: &str| serde_json::json!({"src": "14155550100", "dst": "14155552671", "text": text});
+
+    let refused = send(&client, &sim.url, body("one")).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.json::<serde_json::Value>().await.unwrap()["error"], "try later");
+    let chosen = send(&client, &sim.url, body("two")).send().await.unwrap();
+    assert_eq!(chosen.status(), 202);
+    assert_eq!(chosen.json::<serde_json::Value>().await.unwrap()["message_uuid"][0], "chosen-uuid");
+    let unscripted = send(&client, &sim.url, body("three")).send().await.unwrap();
+    assert_eq!(unscripted.status(), 202, "past the script, the configured behaviour");
+
+    let requests = sim.requests().await;
+    let seen: Vec<_> = requests.iter().map(|r| (r.body["text"].as_str().unwrap(), r.answered)).collect();
+    assert_eq!(seen, [("one", Some(503)), ("two", Some(202)), ("three", Some(202))]);
+    assert_eq!(sim.stats().await.messages_accepted, 2);
+
+    let refused = client
+        .post(format!("{}/_sim/script", sim.url))
+        .json(&serde_json::json!([{"status": 99}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400, "a status that is not an HTTP answer is refused");
 }

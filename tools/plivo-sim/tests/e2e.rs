@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use plivo_sim::{SimConfig, SimMessage, Stats};
+use plivo_sim::{SimConfig, SimMessage};
 use reliability::{API_TOKEN, SIM_AUTH_ID, Stack};
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
@@ -34,7 +34,7 @@ fn sim_config() -> SimConfig {
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool: PgPool) {
     let stack = Stack::start(pool.clone(), sim_config(), |_, worker| worker.sending.concurrency = 64).await;
-    let (client, ingress_url, sim_url) = (stack.client.clone(), stack.ingress_url.clone(), stack.sim_url.clone());
+    let (client, ingress_url) = (stack.client.clone(), stack.ingress_url.clone());
     let worker_settings = stack.worker_settings.clone();
 
     // 1,000 over HTTP …
@@ -89,15 +89,13 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
         .await;
     assert_eq!(http_ids.len() + amqp_ids.len(), 2000);
 
-    let stats_url = format!("{sim_url}/_sim/stats");
     wait_until("every story played", Duration::from_secs(240), async || {
-        let stats: Stats = client.get(&stats_url).send().await.unwrap().json().await.unwrap();
+        let stats = stack.sim.stats().await;
         stats.messages_accepted == 2000 && stats.stories_pending == 0
     })
     .await;
-    let stats: Stats = client.get(&stats_url).send().await.unwrap().json().await.unwrap();
-    let truth: Vec<SimMessage> =
-        client.get(format!("{sim_url}/_sim/messages")).send().await.unwrap().json().await.unwrap();
+    let stats = stack.sim.stats().await;
+    let truth: Vec<SimMessage> = stack.sim.messages().await;
 
     // The simulator received exactly one send request per job, and refused none.
     assert_eq!(stats.send_requests, 2000, "{stats:?}");

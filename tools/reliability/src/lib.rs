@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::FusedFuture as _;
 use futures_util::{FutureExt as _, StreamExt as _};
-use plivo_sim::{SimConfig, SimMessage, Stats};
+use plivo_sim::{SimConfig, SimMessage, Simulator};
 use secrecy::SecretString;
 use serde::Serialize;
 use shared::amqp::Stream;
@@ -148,10 +148,9 @@ pub struct System {
     /// connections die with it as they would with the process.
     pub worker_broker_proxy: CuttableProxy,
     pub database_proxy: CuttableProxy,
-    pub sim_url: String,
+    pub sim: Simulator,
     pub ingress_addr: SocketAddr,
     pub client: reqwest::Client,
-    sim_shutdown: CancellationToken,
     ingress: Option<Running>,
     worker: Option<Running>,
     pub worker_settings: shared::config::WorkerSettings,
@@ -175,17 +174,14 @@ impl System {
             .unwrap();
         let database_proxy = CuttableProxy::start(pg).await;
 
-        let (sim_listener, sim_addr) = bind_local().await;
-        let sim_url = format!("http://{sim_addr}");
-        let sim_shutdown = CancellationToken::new();
-        tokio::spawn(plivo_sim::run(sim, sim_listener, sim_shutdown.clone()));
+        let sim = Simulator::start(sim).await;
 
         let (ingress_listener, ingress_addr) = bind_local().await;
         let mut amqp = broker.amqp_settings();
         amqp.url = SecretString::from(broker_proxy.amqp_url());
         amqp.reconnect_give_up_ms = 600_000;
         let (ingress_settings, mut worker_settings) =
-            wired_settings(&amqp, &format!("http://{ingress_addr}"), &sim_url);
+            wired_settings(&amqp, &format!("http://{ingress_addr}"), &sim.url);
         worker_settings.amqp.url = SecretString::from(worker_broker_proxy.amqp_url());
         // Scenario 5's "accepted, answered too late" must be decided within the scenario.
         worker_settings.plivo.request_timeout_ms = 2000;
@@ -196,10 +192,9 @@ impl System {
             broker_proxy,
             worker_broker_proxy,
             database_proxy,
-            sim_url,
+            sim,
             ingress_addr,
             client: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
-            sim_shutdown,
             ingress: None,
             worker: None,
             worker_settings,
@@ -330,22 +325,13 @@ impl System {
         Traffic { client: self.client.clone(), url: format!("http://{}/v1/messages", self.ingress_addr) }
     }
 
-    pub async fn sim_stats(&self) -> Stats {
-        self.client.get(format!("{}/_sim/stats", self.sim_url)).send().await.unwrap().json().await.unwrap()
-    }
-
-    pub async fn set_fault(&self, fault: &str, for_ms: u64, hold_ms: u64) {
-        let body = serde_json::json!({"fault": fault, "for_ms": for_ms, "hold_ms": hold_ms});
-        self.client.post(format!("{}/_sim/faults", self.sim_url)).json(&body).send().await.unwrap();
-    }
-
     /// Waits until every job reached Plivo or ended, every story was played, and every
     /// acknowledged callback is stored; returns the seconds it took.
     pub async fn settle(&self, jobs: &[String], timeout: Duration) -> f64 {
         let started = Instant::now();
         let deadline = started + timeout;
         loop {
-            let stats = self.sim_stats().await;
+            let stats = self.sim.stats().await;
             let unsettled: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM messages WHERE id::text = ANY($1) AND status IN ('accepted', 'sending')",
             )
@@ -359,7 +345,7 @@ impl System {
                 .await
                 .unwrap_or(0);
             if stats.stories_pending == 0 && unsettled == 0 && known as usize == jobs.len() {
-                let truth = self.truth().await;
+                let truth = self.sim.messages().await;
                 let acknowledged = acknowledged(&truth);
                 if self.stored(&acknowledged).await == acknowledged.len() {
                     return started.elapsed().as_secs_f64();
@@ -370,10 +356,6 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-    }
-
-    async fn truth(&self) -> Vec<SimMessage> {
-        self.client.get(format!("{}/_sim/messages", self.sim_url)).send().await.unwrap().json().await.unwrap()
     }
 
     async fn stored(&self, acknowledged: &HashSet<(String, i64)>) -> usize {
@@ -395,7 +377,7 @@ impl System {
         jobs: &[String],
         recovery_seconds: f64,
     ) -> Outcome {
-        let truth = self.truth().await;
+        let truth = self.sim.messages().await;
         let acknowledged = acknowledged(&truth);
         let stored = self.stored(&acknowledged).await;
         let rows: Vec<(uuid::Uuid, Option<String>, String, Option<i32>)> =
@@ -452,7 +434,6 @@ impl System {
             worker.shutdown.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(15), worker.task).await;
         }
-        self.sim_shutdown.cancel();
     }
 }
 

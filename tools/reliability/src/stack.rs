@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use plivo_sim::SimConfig;
+use plivo_sim::{SimConfig, Simulator};
 use secrecy::SecretString;
 use shared::config::{AmqpSettings, IngressSettings, WorkerSettings};
 use shared::testing::{TestBroker, base_ingress_settings, base_worker_settings};
@@ -67,7 +67,7 @@ pub async fn bind_local() -> (tokio::net::TcpListener, SocketAddr) {
 pub struct Stack {
     pub broker: TestBroker,
     pub ingress_url: String,
-    pub sim_url: String,
+    pub sim: Simulator,
     pub worker_settings: WorkerSettings,
     pub client: reqwest::Client,
     ingress_addr: SocketAddr,
@@ -85,18 +85,17 @@ impl Stack {
     ) -> Self {
         let broker = TestBroker::new().await;
         let shutdown = CancellationToken::new();
-        let (sim_listener, sim_addr) = bind_local().await;
+        let sim = Simulator::start(sim).await;
         let (ingress_listener, ingress_addr) = bind_local().await;
-        let (ingress_url, sim_url) = (format!("http://{ingress_addr}"), format!("http://{sim_addr}"));
-        tokio::spawn(plivo_sim::run(sim, sim_listener, shutdown.clone()));
+        let ingress_url = format!("http://{ingress_addr}");
         let (mut ingress_settings, mut worker_settings) =
-            wired_settings(&broker.amqp_settings(), &ingress_url, &sim_url);
+            wired_settings(&broker.amqp_settings(), &ingress_url, &sim.url);
         tune(&mut ingress_settings, &mut worker_settings);
         tokio::spawn(ingress::run(ingress_settings, ingress_listener, shutdown.clone()));
         let worker = tokio::spawn(worker::run_with(worker_settings.clone(), pool, None, shutdown.clone()));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
         wait_ready(&client, &ingress_url).await;
-        Self { broker, ingress_url, sim_url, worker_settings, client, ingress_addr, shutdown, worker }
+        Self { broker, ingress_url, sim, worker_settings, client, ingress_addr, shutdown, worker }
     }
 
     /// Signed callbacks straight to the ingress, as Plivo would send them.

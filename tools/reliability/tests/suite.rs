@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 
+use plivo_sim::Fault;
 use reliability::{Outcome, System, long_profile, run_scenario, sim_config};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -189,12 +190,12 @@ async fn postgres_slowed_by_a_lock(_: PgPoolOptions, database: PgConnectOptions)
 async fn plivo_failing_then_hanging_after_accepting(_: PgPoolOptions, database: PgConnectOptions) {
     run_scenario(database, |pool| async move {
         let (system, traffic, description) = with_traffic(pool).await;
-        system.set_fault("server_error", 3000, 0).await;
+        system.sim.set_fault(Fault::ServerError, 3000, 0).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        system.set_fault("rate_limited", 3000, 0).await;
+        system.sim.set_fault(Fault::RateLimited, 3000, 0).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Plivo accepts but answers after the worker's 2 s timeout: the ambiguous case.
-        system.set_fault("accept_then_hang", 1000, 5000).await;
+        system.sim.set_fault(Fault::AcceptThenHang, 1000, 5000).await;
         let fault = "Plivo answers 500 for 3 s, then 429 for 3 s, then accepts but answers too late for 1 s";
         let outcome = finish(system, traffic, "5. Plivo failures", description, fault).await;
         assert_eq!(outcome.lost, 0, "{outcome:?}");

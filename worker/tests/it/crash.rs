@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use shared::testing::TestBroker;
+use plivo_sim::ScriptedAnswer;
+use shared::testing::{TEST_AUTH_TOKEN, TestBroker};
 use sqlx::PgPool;
 
 use crate::helpers::{
-    TEST_AUTH_ID, assert_stories, count_events, fake_plivo, publish_events, publish_job, publisher_for, send_job,
-    settings_for, start_worker_on, story, wait_for_events, wait_for_status,
+    TEST_AUTH_ID, assert_stories, count_events, publish_events, publish_job, publisher_for, send_job, settings_for,
+    start_plivo, start_worker_on, story, use_plivo, wait_for_events, wait_for_status,
 };
 use shared::testing::database_url;
 
@@ -19,7 +20,7 @@ fn spawn_worker(broker: &TestBroker, database_url: &str) -> tokio::process::Chil
 fn spawn_worker_with(broker: &TestBroker, database_url: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow-worker"))
         .envs(extra.iter().copied())
-        .env("SMSFLOW_PLIVO__AUTH_TOKEN", "test-token")
+        .env("SMSFLOW_PLIVO__AUTH_TOKEN", TEST_AUTH_TOKEN)
         .env("SMSFLOW_DATABASE__URL", database_url)
         .envs(broker.amqp_env())
         .env("SMSFLOW_WORKER__ADMIN_LISTEN", "127.0.0.1:0")
@@ -68,21 +69,15 @@ async fn sigkill_mid_batch_then_restart_ends_like_a_clean_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_worker_killed_during_the_plivo_call_never_calls_plivo_again_for_that_job(pool: PgPool) {
-    use wiremock::matchers::method;
-    use wiremock::{Mock, MockServer, ResponseTemplate};
-    let plivo = MockServer::start().await;
-    let answer = serde_json::json!({"api_id": "a", "message": "queued", "message_uuid": ["killed-uuid"]});
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(202).set_body_json(answer).set_delay(Duration::from_secs(10)))
-        .mount(&plivo)
-        .await;
+    let plivo = start_plivo().await;
+    plivo.script(&[ScriptedAnswer { delay_ms: 10_000, ..ScriptedAnswer::accept() }]).await;
     let broker = TestBroker::new().await;
     let settings = settings_for(&broker);
     let (publisher, _publisher_shutdown) = publisher_for(&settings).await;
     let job = send_job("killed mid-call");
     publish_job(&publisher, &job).await;
 
-    let plivo_url = plivo.uri();
+    let plivo_url = plivo.url.clone();
     let mut first = spawn_worker_with(
         &broker,
         &database_url(&pool),
@@ -93,18 +88,18 @@ async fn a_worker_killed_during_the_plivo_call_never_calls_plivo_again_for_that_
         ],
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while plivo.received_requests().await.unwrap_or_default().is_empty() {
+    while plivo.requests().await.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "the worker never called Plivo");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.start_kill().unwrap(); // SIGKILL while Plivo has the request and we have no answer
     first.wait().await.unwrap();
 
-    let restarted = start_worker_on(broker, pool.clone(), |s| fake_plivo(s, &plivo_url)).await;
+    let restarted = start_worker_on(broker, pool.clone(), |s| use_plivo(s, &plivo)).await;
     let (_, reason) = wait_for_status(&pool, job.id, "unknown").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     assert!(reason.unwrap_or_default().contains("not resent"));
-    assert_eq!(plivo.received_requests().await.unwrap().len(), 1, "Plivo was called exactly once");
+    assert_eq!(plivo.requests().await.len(), 1, "Plivo was called exactly once");
     restarted.stop().await.unwrap();
 }

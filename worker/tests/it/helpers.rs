@@ -1,11 +1,13 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
+use plivo_sim::story::StoryWeights;
+use plivo_sim::{SimConfig, Simulator};
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::headers::json_message;
 use shared::amqp::{Publisher, Stream};
 use shared::config::WorkerSettings;
-use shared::testing::{TestBroker, base_worker_settings};
+use shared::testing::{TEST_AUTH_TOKEN, TestBroker, base_worker_settings};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -201,17 +203,29 @@ pub async fn publish_job(publisher: &Publisher, job: &shared::amqp::contracts::S
         .expect("job publish confirmed");
 }
 
-/// Points the worker at a fake Plivo and makes retries quick.
-pub fn fake_plivo(settings: &mut WorkerSettings, base_url: &str) {
-    settings.plivo.api_base_url = base_url.to_owned();
+/// The Plivo simulator with the test account's credentials: it accepts every message (unless a
+/// test scripts otherwise) and plays a short delivered story to the callback URL.
+pub async fn start_plivo() -> Simulator {
+    Simulator::start(SimConfig {
+        auth_id: TEST_AUTH_ID.into(),
+        auth_token: TEST_AUTH_TOKEN.into(),
+        rate_limit: 10_000.0,
+        weights: StoryWeights { delivered: 1, undelivered: 0, failed: 0, sent_only: 0 },
+        latency_ms: 0,
+        duplicate_share: 0.0,
+        out_of_order_share: 0.0,
+        time_scale: 0.001,
+    })
+    .await
+}
+
+/// Points the worker at the simulator and makes retries quick.
+pub fn use_plivo(settings: &mut WorkerSettings, plivo: &Simulator) {
+    settings.plivo.api_base_url = plivo.url.clone();
     settings.plivo.auth_id = TEST_AUTH_ID.into();
     settings.plivo.request_timeout_ms = 2000;
     settings.sending.sender_rate_per_second = 1000.0;
     settings.sending.sender_burst = 1000;
-}
-
-pub fn message_path() -> String {
-    format!("/v1/Account/{TEST_AUTH_ID}/Message/")
 }
 
 /// Polls a message's status until it is `expected`; panics after 20 s.

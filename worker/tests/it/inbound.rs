@@ -7,10 +7,10 @@ use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::headers::json_message;
 use sqlx::PgPool;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use crate::helpers::{callback, fake_plivo, publish_job, send_job, start_worker, wait_for_events, wait_for_status};
+use crate::helpers::{
+    callback, publish_job, send_job, start_plivo, start_worker, use_plivo, wait_for_events, wait_for_status,
+};
 
 fn inbound(uuid: &str, text: &str) -> CallbackEvent {
     shared::testing::callback_event(&[
@@ -45,13 +45,8 @@ async fn wait_rows(pool: &PgPool, sql: &str, expected: i64) {
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn stop_then_send_sends_nothing_and_start_re_enables_sending(pool: PgPool) {
-    let plivo = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(202).set_body_json(serde_json::json!({"message_uuid": ["after-start"]})))
-        .expect(1)
-        .mount(&plivo)
-        .await;
-    let worker = start_worker(&pool, |s| fake_plivo(s, &plivo.uri())).await;
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
 
     let stop = inbound("in-stop", "STOP");
     publish_inbound(&worker, &stop).await;
@@ -64,7 +59,7 @@ async fn stop_then_send_sends_nothing_and_start_re_enables_sending(pool: PgPool)
     publish_job(&worker.publisher, &blocked).await;
     let (_, reason) = wait_for_status(&pool, blocked.id, "rejected").await;
     assert_eq!(reason.as_deref(), Some("opted_out"));
-    assert!(plivo.received_requests().await.unwrap().is_empty(), "no Plivo request while opted out");
+    assert!(plivo.requests().await.is_empty(), "no Plivo request while opted out");
 
     publish_inbound(&worker, &inbound("in-start", "start")).await;
     wait_rows(&pool, "SELECT count(*) FROM opt_outs", 0).await;
@@ -76,6 +71,7 @@ async fn stop_then_send_sends_nothing_and_start_re_enables_sending(pool: PgPool)
     let allowed = send_job("after start");
     publish_job(&worker.publisher, &allowed).await;
     wait_for_status(&pool, allowed.id, "submitted").await;
+    assert_eq!(plivo.requests().await.len(), 1, "one Plivo request, after START");
     worker.stop().await.unwrap();
 }
 
