@@ -9,7 +9,7 @@ use shared::amqp::headers::get_str;
 use shared::amqp::topology::DEAD_LETTER_REASON_HEADER;
 use sqlx::PgPool;
 
-use crate::helpers::{publish_job, send_job, start_plivo, start_worker, use_plivo, wait_for_status};
+use crate::helpers::{CALLBACK_BASE_URL, publish_job, send_job, start_plivo, start_worker, use_plivo, wait_for_status};
 
 async fn requests(plivo: &Simulator) -> usize {
     plivo.requests().await.len()
@@ -42,7 +42,7 @@ async fn an_accepted_send_is_submitted_with_plivo_uuid_and_our_callback_url(pool
     assert_eq!(body["dst"], "14155552671");
     assert_eq!(body["src"], "14155550100");
     assert_eq!(body["method"], "POST");
-    assert_eq!(body["url"], format!("{}/plivo/callback?ref={}", shared::testing::TEST_PUBLIC_BASE_URL, job.id));
+    assert_eq!(body["url"], format!("{CALLBACK_BASE_URL}/plivo/callback?ref={}", job.id));
     worker.stop().await.unwrap();
 }
 
