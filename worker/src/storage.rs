@@ -125,8 +125,9 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     let recorded = sqlx::query!(
         r#"
         INSERT INTO message_events (dedupe_key, message_id, message_uuid, status, sequence, error_code, params, received_at)
-        SELECT * FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int4[], $7::jsonb[],
-                             $8::timestamptz[])
+        SELECT d, m, u, s, q, e, p::jsonb, r
+        FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int4[], $7::text[],
+                    $8::timestamptz[]) AS t(d, m, u, s, q, e, p, r)
         ON CONFLICT (dedupe_key) DO NOTHING
         "#,
         &updates.iter().map(|u| u.dedupe_key.to_vec()).collect::<Vec<_>>(),

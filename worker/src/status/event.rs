@@ -30,8 +30,9 @@ pub struct StatusUpdate {
     pub received_at: OffsetDateTime,
     /// SHA-256 of the sorted parameters: a Plivo retry (new nonce, same fields) is the same event.
     pub dedupe_key: [u8; 32],
-    /// The parameters as a JSON object (a repeated key holds an array of its values).
-    pub params: serde_json::Value,
+    /// The parameters as the text of a JSON object (a repeated key holds an array of its
+    /// values): written once, as text, instead of built and cloned as a tree per event.
+    pub params: String,
 }
 
 /// Why an event can never be processed; it goes to the dead-letter queue with this text.
@@ -121,20 +122,27 @@ pub fn dedupe_key(params: &[(String, String)]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-fn params_json(params: &[(String, String)]) -> serde_json::Value {
-    let mut grouped: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (k, v) in params {
-        grouped.entry(k).or_default().push(v);
+fn params_json(params: &[(String, String)]) -> String {
+    #[derive(serde::Serialize)]
+    #[serde(untagged)]
+    enum Values<'a> {
+        One(&'a str),
+        Many(Vec<&'a str>),
     }
-    grouped
-        .into_iter()
-        .map(|(k, vs)| {
-            let value =
-                if vs.len() == 1 { vs[0].into() } else { vs.into_iter().map(serde_json::Value::from).collect() };
-            (k.to_owned(), value)
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+    let mut grouped: BTreeMap<&str, Values> = BTreeMap::new();
+    for (k, v) in params {
+        match grouped.get_mut(k.as_str()) {
+            None => {
+                grouped.insert(k, Values::One(v));
+            }
+            Some(Values::One(first)) => {
+                let first = *first;
+                grouped.insert(k, Values::Many(vec![first, v]));
+            }
+            Some(Values::Many(all)) => all.push(v),
+        }
+    }
+    serde_json::to_string(&grouped).expect("a map of strings serializes")
 }
 
 #[cfg(test)]
@@ -161,6 +169,16 @@ mod tests {
         assert_eq!((update.error_code, update.sequence, update.units), (Some(30), Some(4), Some(2)));
         assert_eq!(update.amount.as_deref(), Some("0.01300"));
         assert_eq!(update.event_at.unix_timestamp(), 1_715_677_969);
+    }
+
+    #[test]
+    fn params_become_one_json_object_with_repeated_keys_as_arrays() {
+        let params: Vec<(String, String)> = [("To", "1"), ("Status", "sent"), ("To", "2"), ("A", "\"q\"")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let json: serde_json::Value = serde_json::from_str(&params_json(&params)).unwrap();
+        assert_eq!(json, serde_json::json!({"A": "\"q\"", "Status": "sent", "To": ["1", "2"]}));
     }
 
     #[test]
