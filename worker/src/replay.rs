@@ -32,8 +32,12 @@ pub async fn replay_dead_letters(
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     let dead = topology.dead_letter_queue(stream);
-    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    let waiting = channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await?.message_count();
+    // Messages ready in the dead-letter queue (a passive declare only reads the count).
+    let ready_in_dead = async || {
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await.map(|q| q.message_count())
+    };
+    let waiting = ready_in_dead().await?;
 
     let shutdown = CancellationToken::new();
     let publisher = Publisher::start(settings.clone(), topology.clone(), "smsflow-worker replay", shutdown.clone());
@@ -80,9 +84,7 @@ pub async fn replay_dead_letters(
         // so that whoever looks right after a dry run sees the queue as it was.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let ready =
-                channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await?.message_count();
-            if ready >= held_count || tokio::time::Instant::now() >= deadline {
+            if ready_in_dead().await? >= held_count || tokio::time::Instant::now() >= deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

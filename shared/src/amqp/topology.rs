@@ -53,18 +53,19 @@ pub struct Topology {
     prefix: String,
     delivery_limit: u32,
     retry_delays_ms: Vec<u64>,
-    idle_expiry_ms: Option<u64>,
+    /// 0: queues never expire.
+    idle_expiry_ms: u64,
 }
 
 impl Topology {
     pub fn new(prefix: impl Into<String>, delivery_limit: u32, retry_delays_ms: Vec<u64>) -> Self {
-        Self { prefix: prefix.into(), delivery_limit, retry_delays_ms, idle_expiry_ms: None }
+        Self { prefix: prefix.into(), delivery_limit, retry_delays_ms, idle_expiry_ms: 0 }
     }
 
     /// Queues that RabbitMQ deletes after `ms` without use, for throwaway topologies; every
     /// declarer of one topology must agree, or RabbitMQ refuses the declaration.
     pub fn with_idle_expiry(mut self, ms: u64) -> Self {
-        self.idle_expiry_ms = (ms > 0).then_some(ms);
+        self.idle_expiry_ms = ms;
         self
     }
 
@@ -74,7 +75,7 @@ impl Topology {
     }
 
     pub fn idle_expiry_ms(&self) -> u64 {
-        self.idle_expiry_ms.unwrap_or(0)
+        self.idle_expiry_ms
     }
 
     pub fn prefix(&self) -> &str {
@@ -166,8 +167,8 @@ impl Topology {
     }
 
     fn queue_args(&self, mut args: FieldTable) -> FieldTable {
-        if let Some(ms) = self.idle_expiry_ms {
-            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms as i64));
+        if self.idle_expiry_ms > 0 {
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(self.idle_expiry_ms as i64));
         }
         args
     }

@@ -212,6 +212,14 @@ pub struct ReceivedRequest {
     pub answered: Option<u16>,
 }
 
+/// A request as logged on the hot path: its body as received (decoded only when listed), and
+/// its arrival number, so that a late answer finds its request.
+struct LoggedRequest {
+    arrival: u64,
+    body: axum::body::Bytes,
+    answered: Option<u16>,
+}
+
 /// The most requests `GET /_sim/requests` keeps (the oldest are dropped): enough for any test,
 /// bounded for a long load run.
 const KEPT_REQUESTS: usize = 10_000;
@@ -219,8 +227,7 @@ const KEPT_REQUESTS: usize = 10_000;
 struct Sim {
     faults: Mutex<Option<(Fault, std::time::Instant, u64)>>,
     script: Mutex<std::collections::VecDeque<ScriptedAnswer>>,
-    /// Kept with their arrival number, so that a late answer finds its request.
-    requests: Mutex<std::collections::VecDeque<(u64, ReceivedRequest)>>,
+    requests: Mutex<std::collections::VecDeque<LoggedRequest>>,
     config: SimConfig,
     http: reqwest::Client,
     limiter: TokenBucket,
@@ -354,12 +361,11 @@ async fn send_message(
         if requests.len() == KEPT_REQUESTS {
             requests.pop_front();
         }
-        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        requests.push_back((arrival, ReceivedRequest { body, answered: None }));
+        requests.push_back(LoggedRequest { arrival, body: body.clone(), answered: None });
     }
     let response = answer_send(&sim, &auth_id, &headers, &body).await;
     let mut requests = sim.requests.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, request)) = requests.iter_mut().rev().find(|(n, _)| *n == arrival) {
+    if let Some(request) = requests.iter_mut().rev().find(|r| r.arrival == arrival) {
         request.answered = Some(response.status().as_u16());
     }
     response
@@ -465,7 +471,16 @@ async fn add_to_script(State(sim): State<Shared>, Json(answers): Json<Vec<Script
 }
 
 async fn list_requests(State(sim): State<Shared>) -> Json<Vec<ReceivedRequest>> {
-    Json(sim.requests.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, r)| r.clone()).collect())
+    let requests = sim.requests.lock().unwrap_or_else(|e| e.into_inner());
+    Json(
+        requests
+            .iter()
+            .map(|r| ReceivedRequest {
+                body: serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                answered: r.answered,
+            })
+            .collect(),
+    )
 }
 
 async fn set_fault(State(sim): State<Shared>, Json(request): Json<FaultRequest>) -> StatusCode {
