@@ -29,6 +29,11 @@ pub enum IngressError {
     InvalidField { field: Option<String>, message: String },
     #[error("{0}")]
     RateLimited(String, u64),
+    #[error(
+        "this Idempotency-Key was already used for a message with other content (recipient, sender, text or \
+         options); use a new key for a new message"
+    )]
+    IdempotencyKeyReused,
     #[error("no such route")]
     NotFound,
     #[error("no message with this id or MessageUUID")]
@@ -51,7 +56,7 @@ impl IngressError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BadRequest(_) | Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            Self::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InvalidField { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => StatusCode::NOT_FOUND,
             Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,6 +76,7 @@ impl IngressError {
             Self::BadRequest(_) => "bad_request",
             Self::MalformedJson(_) => "malformed_json",
             Self::InvalidField { .. } => "invalid_field",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited(..) => "rate_limited",
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => "not_found",
             Self::DatabaseUnavailable(_) => "database_unavailable",

@@ -48,6 +48,13 @@ pub async fn message(pool: &PgPool, id: Uuid) -> Result<Option<MessageRow>, sqlx
     sqlx::query_as(&sql).bind(id).bind(id.to_string()).fetch_optional(pool).await
 }
 
+/// The content fingerprint of a recorded send job (`None`: unknown id, or no fingerprint).
+pub async fn job_fingerprint(pool: &PgPool, id: Uuid) -> Result<Option<[u8; 32]>, sqlx::Error> {
+    let stored: Option<Option<Vec<u8>>> =
+        sqlx::query_scalar("SELECT job_fingerprint FROM messages WHERE id = $1").bind(id).fetch_optional(pool).await?;
+    Ok(stored.flatten().and_then(|bytes| bytes.try_into().ok()))
+}
+
 pub async fn events(pool: &PgPool, id: Uuid) -> Result<Vec<EventRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT status, sequence, error_code, params, received_at, recorded_at FROM message_events
@@ -139,7 +146,7 @@ pub async fn delivery_counts(
     until: OffsetDateTime,
 ) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FILTER (WHERE status_rank = 100)
+        "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*) FILTER (WHERE smsflow_status_is_terminal(status))
          FROM messages WHERE created_at >= $1 AND created_at < $2",
     )
     .bind(since)

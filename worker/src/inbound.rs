@@ -2,8 +2,12 @@
 //!
 //! STOP-family keywords (STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT) and Plivo's
 //! `MessageIntent=optout` add the sender to `opt_outs` for the number it wrote to (STOPALL: for
-//! all our numbers); START/UNSTOP and `MessageIntent=optin` remove it. An action is applied only
-//! the first time its message is stored, so a replay never undoes a later change.
+//! all our numbers); START/UNSTOP and `MessageIntent=optin` remove the opt-out from the number it
+//! was sent to. An action is applied only the first time its message is stored, so a replay
+//! never undoes a later change, and in the order the recipient sent them (`sent_at`), not the
+//! order they reached us: a START that Plivo retried after a later STOP does not lift it. In
+//! doubt (equal times) the number stays opted out; a START never lifts a STOPALL, which holds for
+//! every number until an operator lifts it.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -13,6 +17,7 @@ use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
+use shared::domain::phone::party_identity;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -47,16 +52,20 @@ pub struct InboundMessage {
     pub intent: Option<String>,
     pub params: serde_json::Value,
     pub received_at: OffsetDateTime,
+    /// When the recipient sent it: Plivo's `MessageTime` if given, else the time inside a
+    /// time-based MessageUUID, else when the ingress received it.
+    pub sent_at: OffsetDateTime,
     pub consent: Consent,
 }
 
 const STOP_WORDS: [&str; 6] = ["STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"];
 const START_WORDS: [&str; 2] = ["START", "UNSTOP"];
 
-/// Plivo sends numbers as digits; we store E.164 (`+` and digits). Sender IDs stay as they are.
-pub fn normalize_number(raw: &str) -> String {
-    let raw = raw.trim();
-    if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) { format!("+{raw}") } else { raw.to_owned() }
+/// The time inside a time-based (version 1) UUID, as Plivo's MessageUUIDs are.
+fn uuid_time(raw: &str) -> Option<OffsetDateTime> {
+    let uuid = uuid::Uuid::parse_str(raw).ok().filter(|u| u.get_version_num() == 1)?;
+    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(secs) * 1_000_000_000 + i128::from(nanos)).ok()
 }
 
 pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
@@ -67,8 +76,12 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
     }
     let field = |key: &str| event.param(key).map(str::trim).filter(|v| !v.is_empty());
     let message_uuid = field("MessageUUID").ok_or("inbound message has no MessageUUID")?.to_owned();
-    let sender = normalize_number(field("From").ok_or("inbound message has no From")?);
-    let recipient = normalize_number(field("To").ok_or("inbound message has no To")?);
+    let sender = party_identity(field("From").ok_or("inbound message has no From")?);
+    let recipient = party_identity(field("To").ok_or("inbound message has no To")?);
+    let sent_at = field("MessageTime")
+        .and_then(crate::status::event::parse_plivo_time)
+        .or_else(|| uuid_time(&message_uuid))
+        .unwrap_or(event.received_at);
     let body = event.param("Text").or_else(|| event.param("Body")).map(str::to_owned);
     let intent = field("MessageIntent").map(str::to_ascii_lowercase);
     let keyword = body
@@ -100,6 +113,7 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
         intent,
         params: params.into(),
         received_at: event.received_at,
+        sent_at,
         consent,
     })
 }
@@ -204,5 +218,30 @@ mod tests {
         assert_eq!(parse(&event("hi", "optin")).unwrap().consent, Consent::OptIn { sender: ours });
         assert_eq!(parse(&event("stopping by later", "")).unwrap().consent, Consent::None);
         assert_eq!(parse(&event("hello", "")).unwrap().sender, "+14155552671");
+    }
+
+    #[test]
+    fn a_short_code_is_stored_as_the_send_path_writes_it() {
+        let params = [("From", "14155552671"), ("To", "12345"), ("Text", "STOP"), ("MessageUUID", "in-2")];
+        let message = parse(&serde_json::to_vec(&shared::testing::callback_event(&params)).unwrap()).unwrap();
+        assert_eq!(message.consent, Consent::OptOut { sender: "12345".into(), source: "keyword" });
+        assert_eq!(message.recipient, "12345");
+    }
+
+    #[test]
+    fn the_message_time_comes_from_plivo_when_it_can() {
+        let with = |uuid: &str, extra: &[(&'static str, &'static str)]| {
+            let mut params = vec![("From", "14155552671"), ("To", "14155559999"), ("Text", "START")];
+            params.push(("MessageUUID", uuid));
+            params.extend_from_slice(extra);
+            parse(&serde_json::to_vec(&shared::testing::callback_event(&params)).unwrap()).unwrap()
+        };
+        // A version-1 UUID made at 2012-04-05 ~12:58 UTC (Plivo's documented example).
+        let from_uuid = with("db3ce55a-7f1d-11e1-8ea7-1231380bc196", &[]);
+        assert_eq!(from_uuid.sent_at.date().year(), 2012);
+        let explicit = with("db3ce55a-7f1d-11e1-8ea7-1231380bc196", &[("MessageTime", "2024-05-14 09:12:44.319284")]);
+        assert_eq!(explicit.sent_at.unix_timestamp(), 1_715_677_964);
+        let neither = with("not-a-uuid", &[]);
+        assert_eq!(neither.sent_at, neither.received_at);
     }
 }

@@ -1,13 +1,20 @@
 //! `replay-dead-letters`: after an operator fixed the cause, moves dead-lettered messages back
 //! to their work queue. A dry run only counts them by reason.
+//!
+//! Neither ever returns a message to the dead-letter queue with `nack(requeue)`: a quorum queue
+//! counts that as a failed delivery, and RabbitMQ 4 drops a message after 20 of them (its
+//! default delivery limit). The dry run instead puts an identical copy back through the
+//! dead-letter exchange, confirmed by the broker, before it acks the one it read: the queue
+//! holds the same messages, in the same order, each as fresh as before.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
-use shared::amqp::headers::get_str;
-use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER};
+use shared::amqp::headers::{get_int, get_str};
+use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, REPLAY_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{Publisher, Stream, Topology};
 use shared::config::AmqpSettings;
 use tokio_util::sync::CancellationToken;
@@ -41,11 +48,10 @@ pub async fn replay_dead_letters(
 
     let shutdown = CancellationToken::new();
     let publisher = Publisher::start(settings.clone(), topology.clone(), "smsflow-worker replay", shutdown.clone());
-    if !dry_run && !publisher.wait_ready(Duration::from_millis(settings.connect_timeout_ms)).await {
+    if !publisher.wait_ready(Duration::from_millis(settings.connect_timeout_ms)).await {
         anyhow::bail!("cannot open a publishing connection to RabbitMQ");
     }
     let mut report = ReplayReport::default();
-    let mut held = Vec::new();
     for _ in 0..waiting {
         let Some(message) = channel.basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false }).await? else {
             break;
@@ -57,38 +63,29 @@ pub async fn replay_dead_letters(
             .unwrap_or_else(|| "unknown".to_owned());
         *report.by_reason.entry(reason).or_default() += 1;
         if dry_run {
-            held.push(message);
+            let properties = message.delivery.properties.clone();
+            publisher
+                .publish_to(&topology.dead_letter_exchange(), stream.name(), &message.delivery.data, properties)
+                .await?;
+            message.delivery.acker.ack(BasicAckOptions::default()).await?;
             continue;
         }
         let mut headers = headers.unwrap_or_default();
         let mut cleaned = FieldTable::default();
         for (key, value) in headers.inner() {
-            if ![DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER].contains(&key.as_str())
+            if ![DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER, REPLAY_COUNT_HEADER].contains(&key.as_str())
                 && !key.as_str().starts_with("x-death")
             {
                 cleaned.insert(key.clone(), value.clone());
             }
         }
+        let replays = get_int(Some(&headers), REPLAY_COUNT_HEADER).unwrap_or(0) + 1;
+        cleaned.insert(REPLAY_COUNT_HEADER.into(), AMQPValue::LongLongInt(replays));
         headers = cleaned;
         let properties = message.delivery.properties.clone().with_headers(headers);
         publisher.publish(stream.routing_key(), &message.delivery.data, properties).await?;
         message.delivery.acker.ack(BasicAckOptions::default()).await?;
         report.replayed += 1;
-    }
-    let held_count = held.len() as u32;
-    for message in held {
-        message.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
-    }
-    if held_count > 0 {
-        // A quorum queue applies the requeue asynchronously: wait until the messages are back
-        // so that whoever looks right after a dry run sees the queue as it was.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if ready_in_dead().await? >= held_count || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
     shutdown.cancel();
     publisher.close().await;

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 
-use shared::domain::MessageStatus;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -21,14 +20,10 @@ pub struct BatchOutcome {
     pub events_recorded: u64,
 }
 
-/// The order in which two updates of one message win: status rank, then Plivo's Sequence, then
-/// the event time.
-fn precedence(update: &StatusUpdate) -> (i16, i64, OffsetDateTime) {
-    (update.status.rank(), update.sequence.unwrap_or(-1), update.event_at)
-}
-
 /// Writes a batch of status updates in one transaction: each distinct callback once into
-/// `message_events`, and each message's status moved forward only.
+/// `message_events`, and each message's status moved to the greatest of its statuses by the one
+/// rule, `smsflow_status_precedence` (see the migration that defines it). Neither the order of
+/// `updates`, nor their duplicates, nor how they were split into batches changes the result.
 pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Result<BatchOutcome, sqlx::Error> {
     if updates.is_empty() {
         return Ok(BatchOutcome::default());
@@ -56,71 +51,90 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     for update in updates {
         ids.entry(&update.message_uuid).or_insert_with(Uuid::now_v7);
     }
+    let message_ids: Vec<Uuid> = updates.iter().map(|u| ids[u.message_uuid.as_str()]).collect();
 
-    // One statement cannot touch a row twice: keep each message's winning update.
-    let mut winners: HashMap<Uuid, &StatusUpdate> = HashMap::new();
-    for update in updates {
-        let id = ids[update.message_uuid.as_str()];
-        winners
-            .entry(id)
-            .and_modify(|current| {
-                if precedence(update) > precedence(current) {
-                    *current = update;
-                }
-            })
-            .or_insert(update);
-    }
-    let mut rows: Vec<(Uuid, &StatusUpdate)> = winners.into_iter().collect();
-    // A stable order keeps concurrent workers from deadlocking on each other's rows.
-    rows.sort_unstable_by_key(|(id, _)| *id);
-
-    let advanced = sqlx::query!(
+    let advanced = sqlx::query_scalar!(
         r#"
-        INSERT INTO messages AS m (id, message_uuid, sender, recipient, status, status_rank, status_sequence,
-                                   error_code, units, amount, last_event_at, terminal_at)
-        SELECT u.id, u.message_uuid, u.sender, u.recipient, u.status, u.status_rank, u.status_sequence,
-               u.error_code, u.units, u.amount::numeric, u.event_at,
-               CASE WHEN u.status_rank = $12 THEN u.event_at END
-        FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[], $7::int8[],
-                    $8::int4[], $9::int4[], $10::text[], $11::timestamptz[])
-             AS u(id, message_uuid, sender, recipient, status, status_rank, status_sequence,
-                  error_code, units, amount, event_at)
-        ON CONFLICT (id) DO UPDATE SET
-            status          = EXCLUDED.status,
-            status_rank     = EXCLUDED.status_rank,
-            status_sequence = EXCLUDED.status_sequence,
-            error_code      = COALESCE(EXCLUDED.error_code, m.error_code),
-            units           = COALESCE(EXCLUDED.units, m.units),
-            amount          = COALESCE(EXCLUDED.amount, m.amount),
-            message_uuid    = COALESCE(m.message_uuid, EXCLUDED.message_uuid),
-            sender          = COALESCE(m.sender, EXCLUDED.sender),
-            recipient       = COALESCE(m.recipient, EXCLUDED.recipient),
-            last_event_at   = GREATEST(m.last_event_at, EXCLUDED.last_event_at),
-            terminal_at     = COALESCE(m.terminal_at, EXCLUDED.terminal_at),
-            updated_at      = now()
-        -- Forward only: a higher rank wins; within a non-terminal rank, a later Sequence (then
-        -- event time) wins; a terminal status is final.
-        WHERE EXCLUDED.status_rank > m.status_rank
-           OR (EXCLUDED.status_rank = m.status_rank AND m.status_rank < $12
-               AND (COALESCE(EXCLUDED.status_sequence, -1), EXCLUDED.last_event_at)
-                 > (COALESCE(m.status_sequence, -1), COALESCE(m.last_event_at, '-infinity'::timestamptz)))
+        WITH batch AS (
+            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[],
+                                 $7::int4[], $8::int4[], $9::text[], $10::timestamptz[], $11::timestamptz[],
+                                 $12::bytea[])
+                AS u(id, message_uuid, sender, recipient, status, sequence, error_code, units, amount,
+                     plivo_time, event_at, event_key)
+        ),
+        -- One statement cannot touch a row twice: each message's winner within the batch.
+        winners AS (
+            SELECT DISTINCT ON (id) id, message_uuid, sender, recipient, status, sequence, error_code,
+                   plivo_time, event_key,
+                   max(units) OVER per_message AS units,
+                   max(amount::numeric) OVER per_message AS amount,
+                   max(event_at) OVER per_message AS last_event_at
+            FROM batch
+            WINDOW per_message AS (PARTITION BY id)
+            ORDER BY id, smsflow_status_precedence(status, sequence, plivo_time, event_key) DESC
+        ),
+        upserted AS (
+            INSERT INTO messages AS m (id, message_uuid, sender, recipient, status, status_sequence,
+                                       status_event_at, status_event_key, error_code, units, amount,
+                                       last_event_at, terminal_at)
+            SELECT id, message_uuid, sender, recipient, status, sequence, plivo_time, event_key, error_code,
+                   units, amount, last_event_at,
+                   CASE WHEN smsflow_status_is_terminal(status) THEN last_event_at END
+            FROM winners
+            -- A stable order keeps concurrent workers from deadlocking on each other's rows.
+            ORDER BY id
+            ON CONFLICT (id) DO UPDATE SET
+                status           = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.status ELSE m.status END,
+                status_sequence  = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.status_sequence ELSE m.status_sequence END,
+                status_event_at  = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.status_event_at ELSE m.status_event_at END,
+                status_event_key = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.status_event_key ELSE m.status_event_key END,
+                -- The error code is the winning callback's: a later `delivered` clears an
+                -- earlier `undelivered`'s code.
+                error_code       = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.error_code ELSE m.error_code END,
+                -- Why the send path ended where it did no longer explains a callback's status.
+                status_reason    = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN NULL ELSE m.status_reason END,
+                terminal_at      = COALESCE(m.terminal_at,
+                                       CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                            THEN EXCLUDED.terminal_at END),
+                units            = GREATEST(m.units, EXCLUDED.units),
+                amount           = GREATEST(m.amount, EXCLUDED.amount),
+                last_event_at    = GREATEST(m.last_event_at, EXCLUDED.last_event_at),
+                message_uuid     = COALESCE(m.message_uuid, EXCLUDED.message_uuid),
+                sender           = COALESCE(m.sender, EXCLUDED.sender),
+                recipient        = COALESCE(m.recipient, EXCLUDED.recipient),
+                updated_at       = now()
+            -- Only a row that changes is written.
+            WHERE EXCLUDED.status_precedence > m.status_precedence
+               OR (GREATEST(m.units, EXCLUDED.units), GREATEST(m.amount, EXCLUDED.amount),
+                   GREATEST(m.last_event_at, EXCLUDED.last_event_at), COALESCE(m.message_uuid, EXCLUDED.message_uuid),
+                   COALESCE(m.sender, EXCLUDED.sender), COALESCE(m.recipient, EXCLUDED.recipient))
+                  IS DISTINCT FROM (m.units, m.amount, m.last_event_at, m.message_uuid, m.sender, m.recipient)
+            RETURNING m.id, m.status_event_key
+        )
+        SELECT count(*) AS "advanced!" FROM upserted JOIN winners USING (id)
+        WHERE upserted.status_event_key = winners.event_key
         "#,
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        &rows.iter().map(|(_, u)| u.message_uuid.clone()).collect::<Vec<_>>(),
-        &rows.iter().map(|(_, u)| u.sender.clone()).collect::<Vec<_>>() as &[Option<String>],
-        &rows.iter().map(|(_, u)| u.recipient.clone()).collect::<Vec<_>>() as &[Option<String>],
-        &rows.iter().map(|(_, u)| u.status.as_str().to_owned()).collect::<Vec<_>>(),
-        &rows.iter().map(|(_, u)| u.status.rank()).collect::<Vec<_>>(),
-        &rows.iter().map(|(_, u)| u.sequence).collect::<Vec<_>>() as &[Option<i64>],
-        &rows.iter().map(|(_, u)| u.error_code).collect::<Vec<_>>() as &[Option<i32>],
-        &rows.iter().map(|(_, u)| u.units).collect::<Vec<_>>() as &[Option<i32>],
-        &rows.iter().map(|(_, u)| u.amount.clone()).collect::<Vec<_>>() as &[Option<String>],
-        &rows.iter().map(|(_, u)| u.event_at).collect::<Vec<_>>(),
-        MessageStatus::Delivered.rank(),
+        &message_ids,
+        &updates.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
+        &updates.iter().map(|u| u.sender.clone()).collect::<Vec<_>>() as &[Option<String>],
+        &updates.iter().map(|u| u.recipient.clone()).collect::<Vec<_>>() as &[Option<String>],
+        &updates.iter().map(|u| u.status.as_str().to_owned()).collect::<Vec<_>>(),
+        &updates.iter().map(|u| u.sequence).collect::<Vec<_>>() as &[Option<i64>],
+        &updates.iter().map(|u| u.error_code).collect::<Vec<_>>() as &[Option<i32>],
+        &updates.iter().map(|u| u.units).collect::<Vec<_>>() as &[Option<i32>],
+        &updates.iter().map(|u| u.amount.clone()).collect::<Vec<_>>() as &[Option<String>],
+        &updates.iter().map(|u| u.plivo_time).collect::<Vec<_>>() as &[Option<OffsetDateTime>],
+        &updates.iter().map(|u| u.event_at).collect::<Vec<_>>(),
+        &updates.iter().map(|u| u.dedupe_key.to_vec()).collect::<Vec<_>>(),
     )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .fetch_one(&mut *tx)
+    .await? as u64;
 
     let recorded = sqlx::query!(
         r#"
@@ -131,7 +145,7 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         ON CONFLICT (dedupe_key) DO NOTHING
         "#,
         &updates.iter().map(|u| u.dedupe_key.to_vec()).collect::<Vec<_>>(),
-        &updates.iter().map(|u| ids[u.message_uuid.as_str()]).collect::<Vec<_>>(),
+        &message_ids,
         &updates.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
         &updates.iter().map(|u| u.status.as_str().to_owned()).collect::<Vec<_>>(),
         &updates.iter().map(|u| u.sequence).collect::<Vec<_>>() as &[Option<i64>],
@@ -144,18 +158,22 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     .rows_affected();
 
     // Error 200: the recipient blocked this sender with STOP; stop sending to them from it.
-    let blocked: Vec<&StatusUpdate> = updates.iter().filter(|u| u.error_code == Some(BLOCKED_BY_STOP)).collect();
+    let blocked: Vec<(&str, &str, &StatusUpdate)> = updates
+        .iter()
+        .filter(|u| u.error_code == Some(BLOCKED_BY_STOP))
+        .filter_map(|u| Some((u.recipient.as_deref()?, u.sender.as_deref()?, u)))
+        .collect();
     if !blocked.is_empty() {
-        let number = |n: &Option<String>| n.as_deref().map(crate::inbound::normalize_number).unwrap_or_default();
         sqlx::query!(
-            r#"INSERT INTO opt_outs (recipient, sender, source, message_uuid)
-               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
-               WHERE 1 = 1
-               ON CONFLICT (recipient, sender) DO NOTHING"#,
-            &blocked.iter().map(|u| number(&u.recipient)).collect::<Vec<_>>(),
-            &blocked.iter().map(|u| number(&u.sender)).collect::<Vec<_>>(),
-            &blocked.iter().map(|_| "error_code".to_owned()).collect::<Vec<_>>(),
-            &blocked.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
+            r#"INSERT INTO opt_outs (recipient, sender, source, message_uuid, opted_out_at)
+               SELECT DISTINCT ON (r, s) r, s, 'error_code', u, t
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS b(r, s, u, t)
+               ORDER BY r, s, t DESC
+               ON CONFLICT (recipient, sender) DO UPDATE SET opted_out_at = GREATEST(opt_outs.opted_out_at, EXCLUDED.opted_out_at)"#,
+            &blocked.iter().map(|(recipient, _, _)| recipient.to_string()).collect::<Vec<_>>(),
+            &blocked.iter().map(|(_, sender, _)| sender.to_string()).collect::<Vec<_>>(),
+            &blocked.iter().map(|(_, _, u)| u.message_uuid.clone()).collect::<Vec<_>>(),
+            &blocked.iter().map(|(_, _, u)| u.event_at).collect::<Vec<_>>(),
         )
         .execute(&mut *tx)
         .await?;
@@ -184,17 +202,36 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 /// The send path's writes. Each moves a message between the states the send path owns
 /// (accepted ⇄ sending → submitted/unknown/failed/rejected) and never lowers what a callback set.
 pub mod sending {
-    use shared::domain::send::ValidSend;
+    use shared::domain::send::{Sender, ValidSend};
     use sqlx::PgPool;
     use uuid::Uuid;
 
-    /// Records a job as `accepted`; false when its row already exists (a duplicate or redelivery).
-    pub async fn record_job(pool: &PgPool, job: &ValidSend) -> Result<bool, sqlx::Error> {
-        let inserted = sqlx::query!(
+    /// What recording a job found.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Recorded {
+        /// The first delivery of this id: its row is `accepted`.
+        New,
+        /// The id was recorded before with the same content (a redelivery or a duplicate).
+        Again,
+        /// The id was recorded before with other content: one idempotency key, two messages.
+        Conflict,
+    }
+
+    /// Records a job as `accepted` with its content's fingerprint, unless its id is known.
+    pub async fn record_job(pool: &PgPool, job: &ValidSend) -> Result<Recorded, sqlx::Error> {
+        let fingerprint = job.fingerprint();
+        // The subquery reads the snapshot before the insert: NULL for a new row.
+        let row = sqlx::query!(
             r#"
-            INSERT INTO messages (id, sender, recipient, body, status, status_rank, encoding, segments, metadata, accepted_at)
-            VALUES ($1, $2, $3, $4, 'accepted', 10, $5, $6, $7, now())
-            ON CONFLICT (id) DO NOTHING
+            WITH inserted AS (
+                INSERT INTO messages (id, sender, recipient, body, status, encoding, segments, metadata,
+                                      job_fingerprint, accepted_at)
+                VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, now())
+                ON CONFLICT (id) DO NOTHING
+                RETURNING id
+            )
+            SELECT EXISTS (SELECT 1 FROM inserted) AS "inserted!",
+                   (SELECT job_fingerprint FROM messages WHERE id = $1) AS stored
             "#,
             job.id,
             job.sender.as_str(),
@@ -203,17 +240,28 @@ pub mod sending {
             job.sms.encoding.as_str(),
             job.sms.segments as i16,
             job.metadata,
+            &fingerprint[..],
         )
-        .execute(pool)
-        .await?
-        .rows_affected();
-        Ok(inserted == 1)
+        .fetch_one(pool)
+        .await?;
+        Ok(match row.stored {
+            _ if row.inserted => Recorded::New,
+            // A row without a fingerprint was created by a callback or before fingerprints.
+            Some(stored) if stored != fingerprint => Recorded::Conflict,
+            _ => Recorded::Again,
+        })
     }
 
-    /// Whether the recipient opted out of this sender (or of all our senders).
-    pub async fn is_opted_out(pool: &PgPool, recipient: &str, sender: &str) -> Result<bool, sqlx::Error> {
+    /// Whether the recipient opted out of this sender, or of all our senders. A Powerpack may
+    /// send from any number of its pool, so any opt-out of the recipient's suppresses it.
+    pub async fn is_opted_out(pool: &PgPool, recipient: &str, sender: &Sender) -> Result<bool, sqlx::Error> {
+        let sender = match sender {
+            Sender::Powerpack(_) => None,
+            other => Some(other.as_str()),
+        };
         sqlx::query_scalar!(
-            r#"SELECT EXISTS (SELECT 1 FROM opt_outs WHERE recipient = $1 AND sender IN ($2, '*')) AS "suppressed!""#,
+            r#"SELECT EXISTS (SELECT 1 FROM opt_outs WHERE recipient = $1 AND ($2::text IS NULL OR sender IN ($2, '*')))
+               AS "suppressed!""#,
             recipient,
             sender
         )
@@ -221,10 +269,25 @@ pub mod sending {
         .await
     }
 
+    /// Rejects a job nobody has claimed yet; false when a delivery already took it (its outcome
+    /// then stands: an opt-out never rewrites a message that may have been sent).
+    pub async fn reject_unclaimed(pool: &PgPool, id: Uuid, reason: &str) -> Result<bool, sqlx::Error> {
+        let rejected = sqlx::query!(
+            "UPDATE messages SET status = 'rejected', status_reason = $2, terminal_at = now(), updated_at = now()
+             WHERE id = $1 AND status = 'accepted'",
+            id,
+            reason
+        )
+        .execute(pool)
+        .await?
+        .rows_affected();
+        Ok(rejected == 1)
+    }
+
     /// Takes the job for sending; `None` when another delivery already did.
     pub async fn claim(pool: &PgPool, id: Uuid) -> Result<Option<i32>, sqlx::Error> {
         sqlx::query_scalar!(
-            r#"UPDATE messages SET status = 'sending', status_rank = 20, attempts = attempts + 1, updated_at = now()
+            r#"UPDATE messages SET status = 'sending', attempts = attempts + 1, updated_at = now()
                WHERE id = $1 AND status = 'accepted' RETURNING attempts"#,
             id
         )
@@ -244,9 +307,8 @@ pub mod sending {
                    message_uuid = COALESCE(message_uuid,
                        CASE WHEN EXISTS (SELECT 1 FROM messages o WHERE o.message_uuid = $2) THEN NULL ELSE $2 END),
                    submitted_at = COALESCE(submitted_at, now()),
-                   status = CASE WHEN status_rank < 30 THEN 'submitted' ELSE status END,
-                   status_rank = GREATEST(status_rank, 30),
-                   status_reason = NULL,
+                   status = CASE WHEN status_rank < smsflow_status_rank('submitted') THEN 'submitted' ELSE status END,
+                   status_reason = CASE WHEN status_rank < smsflow_status_rank('submitted') THEN NULL ELSE status_reason END,
                    updated_at = now()
                WHERE id = $1"#,
             id,
@@ -260,7 +322,7 @@ pub mod sending {
     /// Back to `accepted` after a call that provably created no message, before a retry.
     pub async fn release_for_retry(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
         sqlx::query!(
-            "UPDATE messages SET status = 'accepted', status_rank = 10, status_reason = $2, updated_at = now()
+            "UPDATE messages SET status = 'accepted', status_reason = $2, updated_at = now()
              WHERE id = $1 AND status = 'sending'",
             id,
             reason
@@ -272,24 +334,25 @@ pub mod sending {
 
     /// A terminal outcome decided by the send path (`failed` or `rejected`), with its reason.
     pub async fn finish(pool: &PgPool, id: Uuid, status: &str, reason: &str) -> Result<(), sqlx::Error> {
-        sqlx::query!(
-            "UPDATE messages SET status = $2, status_rank = 100, status_reason = $3, terminal_at = now(), updated_at = now()
-             WHERE id = $1 AND status_rank < 100",
-            id,
-            status,
-            reason
-        )
-        .execute(pool)
-        .await?;
-        Ok(())
+        move_forward(pool, id, status, reason).await
     }
 
     /// The outcome cannot be known (the request may have reached Plivo): never resent.
     pub async fn mark_unknown(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+        move_forward(pool, id, "unknown", reason).await
+    }
+
+    /// A send-path status, set only if it ranks above the stored one; it carries no callback,
+    /// so the callback's part of the precedence is cleared with it.
+    async fn move_forward(pool: &PgPool, id: Uuid, status: &str, reason: &str) -> Result<(), sqlx::Error> {
         sqlx::query!(
-            "UPDATE messages SET status = 'unknown', status_rank = 25, status_reason = $2, updated_at = now()
-             WHERE id = $1 AND status_rank < 25",
+            "UPDATE messages SET status = $2, status_reason = $3, status_sequence = NULL, status_event_at = NULL,
+                    status_event_key = NULL,
+                    terminal_at = CASE WHEN smsflow_status_is_terminal($2) THEN now() ELSE terminal_at END,
+                    updated_at = now()
+             WHERE id = $1 AND status_rank < smsflow_status_rank($2)",
             id,
+            status,
             reason
         )
         .execute(pool)
@@ -331,22 +394,26 @@ pub mod inbound {
             match &message.consent {
                 Consent::OptOut { sender, source } => {
                     sqlx::query!(
-                        "INSERT INTO opt_outs (recipient, sender, source, message_uuid) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (recipient, sender) DO NOTHING",
+                        "INSERT INTO opt_outs (recipient, sender, source, message_uuid, opted_out_at)
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (recipient, sender) DO UPDATE
+                             SET opted_out_at = GREATEST(opt_outs.opted_out_at, EXCLUDED.opted_out_at)",
                         message.sender,
                         sender,
                         source,
-                        message.message_uuid
+                        message.message_uuid,
+                        message.sent_at
                     )
                     .execute(&mut *tx)
                     .await?;
                 }
                 Consent::OptIn { sender } => {
-                    // START lifts the opt-out from this number and a STOPALL.
+                    // Only an opt-out the recipient made before this START; a STOPALL stays.
                     sqlx::query!(
-                        "DELETE FROM opt_outs WHERE recipient = $1 AND sender IN ($2, '*')",
+                        "DELETE FROM opt_outs WHERE recipient = $1 AND sender = $2 AND opted_out_at < $3",
                         message.sender,
-                        sender
+                        sender,
+                        message.sent_at
                     )
                     .execute(&mut *tx)
                     .await?;

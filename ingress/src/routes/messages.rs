@@ -299,14 +299,12 @@ fn parse_number(raw: &str) -> Result<String, IngressError> {
         .map_err(|e| IngressError::BadRequest(format!("the number {e}")))
 }
 
+/// Written as the send path writes senders, so that the opt-out matches the sends it stops.
 fn parse_sender(raw: Option<&str>) -> Result<String, IngressError> {
     match raw.map(str::trim) {
         None | Some("*") => Ok("*".into()),
-        Some(s) if s.starts_with('+') => parse_number(s),
-        Some(s) if !s.is_empty() && s.len() <= 11 && s.chars().all(|c| c.is_ascii_alphanumeric()) => Ok(s.to_owned()),
-        Some(_) => Err(IngressError::InvalidField {
-            field: Some("sender".into()),
-            message: "sender must be *, an E.164 number or a sender ID".into(),
+        Some(s) => shared::domain::send::Sender::parse(s).map(|sender| sender.as_str().to_owned()).map_err(|e| {
+            IngressError::InvalidField { field: Some("sender".into()), message: format!("sender {e}, or *") }
         }),
     }
 }

@@ -77,6 +77,7 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     }
     let body = super::read_body(&headers, body, state.body_limit).await?;
     let request: SendRequest = serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?;
+    let keyed = headers.contains_key("idempotency-key");
     let id = match headers.get("idempotency-key") {
         None => Uuid::now_v7(),
         Some(value) => {
@@ -102,6 +103,9 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     let valid = job
         .validate(&state.default_sender)
         .map_err(|e| IngressError::InvalidField { field: Some(e.field.to_owned()), message: e.to_string() })?;
+    if keyed {
+        refuse_reused_key(&state, &valid).await?;
+    }
 
     let payload = serde_json::to_vec(&job).map_err(|e| IngressError::BadRequest(format!("cannot encode job: {e}")))?;
     let properties = json_message(SendJob::SCHEMA, SendJob::VERSION, &id.to_string(), Default::default());
@@ -126,6 +130,28 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     }
     Ok(response)
 }
+
+/// A key reused with other content is refused when the first job is already recorded. The
+/// worker checks again when it records the job, so one that overtakes the first (both still
+/// queued) is dead-lettered there, never sent; this check only answers the client directly. A
+/// database that cannot answer does not hold up sends: the worker's check still stands.
+async fn refuse_reused_key(state: &AppState, valid: &shared::domain::send::ValidSend) -> Result<(), IngressError> {
+    let lookup = crate::storage::job_fingerprint(&state.db, valid.id);
+    match tokio::time::timeout(IDEMPOTENCY_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(Some(stored))) if stored != valid.fingerprint() => Err(IngressError::IdempotencyKeyReused),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "idempotency check skipped: database unavailable");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!("idempotency check skipped: database too slow");
+            Ok(())
+        }
+    }
+}
+
+const IDEMPOTENCY_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The token presented as `Authorization: Bearer …`, within its request rate.
 pub fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {

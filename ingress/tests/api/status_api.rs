@@ -34,20 +34,19 @@ async fn get(app: &TestApp, path: &str, token: &str) -> (u16, Value) {
 async fn fixtures(pool: &PgPool) -> [Uuid; 3] {
     let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
     let rows = [
-        (ids[0], "plivo-1", "delivered", 100, None::<i32>, "+14155552671", json!({"order": "1"}), 3),
-        (ids[1], "plivo-2", "undelivered", 100, Some(30), "+14155552672", json!({"order": "2"}), 2),
-        (ids[2], "plivo-3", "sent", 50, None, "+14155552671", json!({}), 1),
+        (ids[0], "plivo-1", "delivered", None::<i32>, "+14155552671", json!({"order": "1"}), 3),
+        (ids[1], "plivo-2", "undelivered", Some(30), "+14155552672", json!({"order": "2"}), 2),
+        (ids[2], "plivo-3", "sent", None, "+14155552671", json!({}), 1),
     ];
-    for (id, uuid, status, rank, error, to, metadata, hours) in rows {
+    for (id, uuid, status, error, to, metadata, hours) in rows {
         sqlx::query(
-            "INSERT INTO messages (id, message_uuid, sender, recipient, body, status, status_rank, error_code, metadata, created_at, accepted_at)
-             VALUES ($1, $2, '+14155559999', $3, 'text', $4, $5, $6, $7, now() - make_interval(hours => $8), now())",
+            "INSERT INTO messages (id, message_uuid, sender, recipient, body, status, error_code, metadata, created_at, accepted_at)
+             VALUES ($1, $2, '+14155559999', $3, 'text', $4, $5, $6, now() - make_interval(hours => $7), now())",
         )
         .bind(id)
         .bind(uuid)
         .bind(to)
         .bind(status)
-        .bind(rank as i16)
         .bind(error)
         .bind(metadata)
         .bind(hours)

@@ -199,6 +199,9 @@ fn long_string(value: &str) -> AMQPValue {
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-smsflow-dead-reason";
 /// How many times a message went through the retry ladder.
 pub const RETRY_COUNT_HEADER: &str = "x-smsflow-retry-count";
+/// How many times an operator replayed the message from its dead-letter queue: it was
+/// processed before, so a send job found in `sending` was interrupted, not in progress.
+pub const REPLAY_COUNT_HEADER: &str = "x-smsflow-replay-count";
 
 #[cfg(test)]
 mod tests {

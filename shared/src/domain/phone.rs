@@ -69,9 +69,27 @@ impl fmt::Display for PhoneNumber {
     }
 }
 
+/// How a party of a message (our sender, their number) is written wherever it is stored or
+/// compared: E.164 for phone numbers, digits for short codes (3–8 digits, as `Sender` parses
+/// them), a sender ID as given. Plivo writes numbers without the `+`; every number taken from a
+/// callback goes through here, so an opt-out stored from a STOP matches the send it must stop.
+pub fn party_identity(raw: &str) -> String {
+    let raw = raw.trim();
+    let digits = !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit());
+    if digits && raw.len() > crate::domain::send::MAX_SHORT_CODE_DIGITS { format!("+{raw}") } else { raw.to_owned() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parties_are_written_as_the_send_path_writes_senders() {
+        assert_eq!(party_identity(" 14155559292 "), "+14155559292");
+        assert_eq!(party_identity("+14155559292"), "+14155559292");
+        assert_eq!(party_identity("12345"), "12345", "a short code keeps its digits");
+        assert_eq!(party_identity("MyBrand"), "MyBrand");
+    }
 
     #[test]
     fn accepts_valid_e164_numbers_and_refuses_the_rest() {

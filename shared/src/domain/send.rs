@@ -9,7 +9,10 @@ use super::sms::SmsText;
 use crate::amqp::contracts::SendJob;
 
 pub const MIN_MESSAGE_EXPIRY_SECS: u32 = 5;
-pub const MAX_MESSAGE_EXPIRY_SECS: u32 = 10_800;
+/// Plivo's limit is "less than 10,800" (three hours): 10,800 itself is refused.
+pub const MAX_MESSAGE_EXPIRY_SECS: u32 = 10_799;
+/// A sender of up to this many digits and no `+` is a short code.
+pub const MAX_SHORT_CODE_DIGITS: usize = 8;
 pub const MAX_METADATA_BYTES: usize = 4096;
 
 /// Who the message is from.
@@ -31,12 +34,13 @@ impl Sender {
         }
     }
 
-    fn parse(raw: &str) -> Result<Self, String> {
+    /// A sender as a job or an operator writes it (Powerpacks are given apart, by UUID).
+    pub fn parse(raw: &str) -> Result<Self, String> {
         let raw = raw.trim();
         if raw.starts_with('+') {
             return PhoneNumber::parse(raw).map(Sender::Number).map_err(|e| e.to_string());
         }
-        if raw.chars().all(|c| c.is_ascii_digit()) && (3..=8).contains(&raw.len()) {
+        if raw.chars().all(|c| c.is_ascii_digit()) && (3..=MAX_SHORT_CODE_DIGITS).contains(&raw.len()) {
             return Ok(Sender::ShortCode(raw.to_owned()));
         }
         if (1..=11).contains(&raw.len())
@@ -59,6 +63,7 @@ pub struct ValidSend {
     pub sender: Sender,
     pub message_expiry: Option<u32>,
     pub metadata: serde_json::Value,
+    pub callback: Option<String>,
 }
 
 /// A refused field and why.
@@ -78,6 +83,10 @@ impl SendJob {
     pub fn validate(&self, default_sender: &str) -> Result<ValidSend, FieldError> {
         let to = PhoneNumber::parse(&self.to).map_err(|e| field("to", e.to_string()))?;
         let sms = SmsText::analyse(&self.text).map_err(|e| field("text", e.to_string()))?;
+        // PostgreSQL text cannot hold NUL: refused here, not after the 202.
+        if self.text.contains('\0') {
+            return Err(field("text", "must not contain NUL characters (U+0000)"));
+        }
         let sender = match (&self.from, &self.powerpack_uuid) {
             (Some(_), Some(_)) => return Err(field("from", "set either from or powerpack_uuid, not both")),
             (None, Some(pp)) if pp.trim().is_empty() => return Err(field("powerpack_uuid", "must not be empty")),
@@ -102,8 +111,13 @@ impl SendJob {
             ));
         }
         let metadata = serde_json::Value::Object(self.metadata.clone().unwrap_or_default());
-        if metadata.to_string().len() > MAX_METADATA_BYTES {
+        let metadata_json = metadata.to_string();
+        if metadata_json.len() > MAX_METADATA_BYTES {
             return Err(field("metadata", format!("must be at most {MAX_METADATA_BYTES} bytes of JSON")));
+        }
+        // jsonb refuses NUL in a key or a string.
+        if contains_nul(&metadata) {
+            return Err(field("metadata", "must not contain NUL characters (U+0000)"));
         }
         if let Some(callback) = &self.callback
             && !(callback.starts_with("https://") || callback.starts_with("http://"))
@@ -118,7 +132,45 @@ impl SendJob {
             sender,
             message_expiry: self.message_expiry,
             metadata,
+            callback: self.callback.clone(),
         })
+    }
+}
+
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+impl ValidSend {
+    /// SHA-256 of everything that decides what is sent and told: recipient, sender, text,
+    /// options, metadata, callback. Two jobs with one id and different fingerprints are two
+    /// different messages under one idempotency key. Metadata keys are sorted (serde_json's
+    /// map), so the order a client wrote them in does not matter.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        #[derive(Serialize)]
+        struct Content<'a> {
+            to: &'a str,
+            sender: &'a Sender,
+            text: &'a str,
+            message_expiry: Option<u32>,
+            metadata: &'a serde_json::Value,
+            callback: Option<&'a str>,
+        }
+        let content = Content {
+            to: self.to.as_str(),
+            sender: &self.sender,
+            text: &self.text,
+            message_expiry: self.message_expiry,
+            metadata: &self.metadata,
+            callback: self.callback.as_deref(),
+        };
+        Sha256::digest(serde_json::to_vec(&content).expect("plain data serializes")).into()
     }
 }
 
@@ -154,6 +206,24 @@ mod tests {
             (job("+14155552671", "hi"), "", "from"),
             (SendJob { from: Some("not a sender!".into()), ..job("+14155552671", "hi") }, "", "from"),
             (SendJob { message_expiry: Some(2), ..job("+14155552671", "hi") }, "+14155550100", "message_expiry"),
+            (SendJob { message_expiry: Some(10_800), ..job("+14155552671", "hi") }, "+14155550100", "message_expiry"),
+            (job("+14155552671", "a\0b"), "+14155550100", "text"),
+            (
+                SendJob {
+                    metadata: Some(serde_json::from_str(r#"{"k\u0000": "v"}"#).unwrap()),
+                    ..job("+14155552671", "hi")
+                },
+                "+14155550100",
+                "metadata",
+            ),
+            (
+                SendJob {
+                    metadata: Some(serde_json::from_str(r#"{"k": ["v\u0000"]}"#).unwrap()),
+                    ..job("+14155552671", "hi")
+                },
+                "+14155550100",
+                "metadata",
+            ),
             (
                 SendJob {
                     powerpack_uuid: Some("pp".into()),
@@ -166,6 +236,29 @@ mod tests {
         ];
         for (job, default_sender, expected) in cases {
             assert_eq!(job.validate(default_sender).unwrap_err().field, expected, "{job:?}");
+        }
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_content_not_the_writing() {
+        let base = SendJob {
+            metadata: Some(serde_json::from_str(r#"{"a": 1, "b": 2}"#).unwrap()),
+            ..job("+14155552671", "hello")
+        };
+        let reordered =
+            SendJob { metadata: Some(serde_json::from_str(r#"{"b": 2, "a": 1}"#).unwrap()), ..base.clone() };
+        let fingerprint = |job: &SendJob| job.validate("+14155550100").unwrap().fingerprint();
+        assert_eq!(fingerprint(&base), fingerprint(&reordered));
+        assert_eq!(fingerprint(&base), fingerprint(&SendJob { to: " +14155552671".into(), ..base.clone() }));
+        for other in [
+            SendJob { text: "hello!".into(), ..base.clone() },
+            SendJob { to: "+14155552672".into(), ..base.clone() },
+            SendJob { from: Some("12345".into()), ..base.clone() },
+            SendJob { message_expiry: Some(60), ..base.clone() },
+            SendJob { metadata: None, ..base.clone() },
+            SendJob { callback: Some("https://example.com/cb".into()), ..base.clone() },
+        ] {
+            assert_ne!(fingerprint(&base), fingerprint(&other), "{other:?}");
         }
     }
 }

@@ -1,7 +1,8 @@
-//! Message statuses and their order. Statuses only move forward (ARCHITECTURE.md, guarantee 3):
-//! `accepted < sending < submitted < queued < sent < {delivered, undelivered, failed, rejected}`.
-//! `unknown` (a send whose outcome we cannot know) ranks with `sending`'s successors so that any
-//! callback Plivo later sends for it still lands.
+//! Message statuses. Statuses only move forward:
+//! `accepted < sending < unknown < submitted < queued < sent < {delivered, undelivered, failed,
+//! rejected}`. Which of two statuses wins is decided in one place, the database's
+//! `smsflow_status_precedence` (migrations/20261201000001_one_status_rule.sql); nothing in Rust
+//! ranks statuses.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,22 +50,8 @@ impl MessageStatus {
         }
     }
 
-    /// The rank stored beside the status; a write may only raise it. Terminal statuses share
-    /// the top rank so that none replaces another.
-    pub fn rank(self) -> i16 {
-        match self {
-            Self::Accepted => 10,
-            Self::Sending => 20,
-            Self::Unknown => 25,
-            Self::Submitted => 30,
-            Self::Queued => 40,
-            Self::Sent => 50,
-            Self::Delivered | Self::Undelivered | Self::Failed | Self::Rejected => 100,
-        }
-    }
-
     pub fn is_terminal(self) -> bool {
-        self.rank() == 100
+        matches!(self, Self::Delivered | Self::Undelivered | Self::Failed | Self::Rejected)
     }
 
     /// Statuses a Plivo callback can carry (`read` is WhatsApp's and maps to `delivered`).
@@ -100,10 +87,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranks_follow_the_documented_order_and_terminals_tie() {
+    fn the_four_outcomes_are_terminal() {
         use MessageStatus::*;
-        let order = [Accepted, Sending, Submitted, Queued, Sent, Delivered];
-        assert!(order.windows(2).all(|w| w[0].rank() < w[1].rank()));
         assert!([Delivered, Undelivered, Failed, Rejected].iter().all(|s| s.is_terminal()));
         assert!(!Sent.is_terminal());
     }

@@ -75,13 +75,16 @@ pub async fn run(load: &SendLoad) -> anyhow::Result<SendReport> {
     let mut submitted_at = None;
     let mut final_at = None;
     while Instant::now() < deadline && final_at.is_none() {
-        let submitted = count("SELECT count(*) FROM messages WHERE id = ANY($1) AND status_rank >= 30").await?;
+        let submitted = count(
+            "SELECT count(*) FROM messages WHERE id = ANY($1) AND status_rank >= smsflow_status_rank('submitted')",
+        )
+        .await?;
         if submitted_at.is_none() && submitted as usize >= ids.len() {
             submitted_at = Some(started.elapsed().as_secs_f64());
         }
         // Final: terminal, or `sent` with no delivery report expected (sent-only stories).
         let settled = count(
-            "SELECT count(*) FROM messages WHERE id = ANY($1) AND (status_rank = 100 OR status IN ('sent', 'unknown'))",
+            "SELECT count(*) FROM messages WHERE id = ANY($1) AND (smsflow_status_is_terminal(status) OR status IN ('sent', 'unknown'))",
         )
         .await?;
         if submitted_at.is_some() && settled as usize >= ids.len() {

@@ -167,3 +167,51 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Polls until Plivo (the simulator) accepted the message; its callbacks may move it on at once.
+async fn wait_until_submitted(pool: &PgPool, id: &str) {
+    let id = uuid::Uuid::parse_str(id).unwrap();
+    for _ in 0..200 {
+        let submitted: Option<bool> = sqlx::query_scalar("SELECT submitted_at IS NOT NULL FROM messages WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+        if submitted == Some(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("message {id} was not submitted");
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn an_idempotency_key_reused_with_another_body_is_refused_and_sends_once(pool: PgPool) {
+    let stack = Stack::start(pool.clone(), sim_config(), |_, _| {}).await;
+    let url = format!("{}/v1/messages", stack.ingress_url);
+    let send = |body: serde_json::Value| {
+        stack.client.post(&url).bearer_auth(API_TOKEN).header("Idempotency-Key", "order-7").json(&body).send()
+    };
+    let first = serde_json::json!({"to": "+14155552671", "text": "your code is 1234"});
+
+    let accepted = send(first.clone()).await.unwrap();
+    assert_eq!(accepted.status(), 202);
+    let id = accepted.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    wait_until_submitted(&pool, &id).await;
+
+    let other = send(serde_json::json!({"to": "+14155552671", "text": "your code is 9999"})).await.unwrap();
+    assert_eq!(other.status(), 422);
+    let error = other.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(error["error"]["code"], "idempotency_key_reused", "{error}");
+    assert!(!error.to_string().contains("9999") && !error.to_string().contains("2671"), "no echo: {error}");
+
+    let again = send(first).await.unwrap();
+    assert_eq!(again.status(), 202, "the same body again is the same message");
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["id"], id.as_str());
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let requests = stack.sim.requests().await;
+    assert_eq!(requests.len(), 1, "the simulator saw one request");
+    assert_eq!(requests[0].body["text"], "your code is 1234");
+    stack.stop().await;
+}

@@ -90,6 +90,8 @@ impl Stack {
         let ingress_url = format!("http://{ingress_addr}");
         let (mut ingress_settings, mut worker_settings) =
             wired_settings(&broker.amqp_settings(), &ingress_url, &sim.url);
+        // The status API and the ingress's idempotency check read the test's database.
+        ingress_settings.database.url = SecretString::from(shared::testing::database_url(&pool));
         tune(&mut ingress_settings, &mut worker_settings);
         tokio::spawn(ingress::run(ingress_settings, ingress_listener, shutdown.clone()));
         let worker = tokio::spawn(worker::run_with(worker_settings.clone(), pool, None, shutdown.clone()));

@@ -18,6 +18,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+use shared::amqp::topology::{REPLAY_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{Stream, Topology};
 use shared::config::{DeliveryGuarantee, WorkerSettings};
 use shared::domain::send::ValidSend;
@@ -29,7 +30,10 @@ use tracing::Instrument as _;
 use self::plivo::{PlivoClient, SendOutcome};
 use self::ratelimit::SenderRateLimiter;
 use crate::broker::{self, Rerouted, Rerouter, Session, SessionEnd};
-use crate::storage::sending as store;
+use crate::storage::sending::{self as store, Recorded};
+
+/// In-process retries of recording a submission (~10 s in all): the message is already sent.
+const MARK_SUBMITTED_RETRIES: usize = 8;
 
 pub struct SendPipeline {
     pub settings: WorkerSettings,
@@ -123,10 +127,23 @@ impl SendPipeline {
         };
         let id = valid.id;
         tracing::Span::current().record("smsflow.message_id", tracing::field::display(id));
-        store::record_job(&self.pool, &valid).await?;
+        if store::record_job(&self.pool, &valid).await? == Recorded::Conflict {
+            let reason = format!(
+                "idempotency conflict: job id {id} was already used for a message with other content \
+                 (recipient, sender, text or options); not sent"
+            );
+            self.rerouter.dead_letter(Stream::Send, delivery, &reason).await?;
+            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "idempotency_conflict").increment(1);
+            tracing::warn!(message_id = %id, "send job reuses an id with other content; dead-lettered");
+            return ack(delivery).await;
+        }
 
-        if store::is_opted_out(&self.pool, valid.to.as_str(), valid.sender.as_str()).await? {
-            store::finish(&self.pool, id, "rejected", "opted_out").await?;
+        if store::is_opted_out(&self.pool, valid.to.as_str(), &valid.sender).await? {
+            // Only a job nobody claimed is rejected: a redelivery of one that may have been
+            // sent keeps its outcome, or becomes `unknown`, like any other redelivery.
+            if !store::reject_unclaimed(&self.pool, id, "opted_out").await? {
+                return self.not_claimed(delivery, &valid).await;
+            }
             metrics::counter!("smsflow_send_outcomes_total", "outcome" => "opted_out").increment(1);
             tracing::info!(message_id = %id, to = %valid.to.masked(), "recipient opted out; not sent");
             return ack(delivery).await;
@@ -145,9 +162,9 @@ impl SendPipeline {
     /// interrupted attempt (redelivered by the broker, or back from the retry ladder).
     async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> anyhow::Result<()> {
         let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
+        let headers = delivery.properties.headers().as_ref();
         let seen_before = delivery.redelivered
-            || get_int(delivery.properties.headers().as_ref(), shared::amqp::topology::RETRY_COUNT_HEADER).unwrap_or(0)
-                > 0;
+            || [RETRY_COUNT_HEADER, REPLAY_COUNT_HEADER].iter().any(|h| get_int(headers, h).unwrap_or(0) > 0);
         if status == "sending" && seen_before {
             match self.settings.sending.delivery {
                 DeliveryGuarantee::AtMostOnce => {
@@ -195,7 +212,14 @@ impl SendPipeline {
         let id = valid.id;
         match outcome {
             SendOutcome::Accepted { message_uuid } => {
-                store::mark_submitted(&self.pool, id, message_uuid.as_deref()).await?;
+                // Plivo has the message now: a database blip must not turn it into `unknown`
+                // (or, at-least-once, into a second SMS), so the write is retried here first.
+                let write = || store::mark_submitted(&self.pool, id, message_uuid.as_deref());
+                write
+                    .retry(crate::retry::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
+                    .when(crate::storage::is_transient)
+                    .notify(|e, wait| tracing::warn!(message_id = %id, error = %e, ?wait, "recording the submission failed; retrying"))
+                    .await?;
                 metrics::counter!("smsflow_send_outcomes_total", "outcome" => "submitted").increment(1);
                 if let Some(uuid) = &message_uuid {
                     tracing::Span::current().record("plivo.message_uuid", uuid.as_str());

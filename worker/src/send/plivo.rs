@@ -16,7 +16,8 @@ pub enum SendOutcome {
     Accepted { message_uuid: Option<String> },
     /// Plivo refused it for good (400/401/403/404/422 …): sending again fails the same way.
     Refused { status: u16, error: String },
-    /// Provably no message was created (connect error, 429, a configured 5xx): safe to retry.
+    /// No message was created (connect error, 429), or the operator chose to treat a 5xx so
+    /// (`sending.retry_statuses`): retried.
     NotSent { reason: String },
     /// The request may have reached Plivo but the answer was lost: a retry could duplicate it.
     Unknown { reason: String },

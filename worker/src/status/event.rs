@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 use shared::amqp::contracts::CallbackEvent;
 use shared::domain::MessageStatus;
+use shared::domain::phone::party_identity;
 use shared::plivo::errors::parse_error_code;
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -25,7 +26,10 @@ pub struct StatusUpdate {
     pub amount: Option<String>,
     pub sender: Option<String>,
     pub recipient: Option<String>,
-    /// When the status happened according to Plivo, else when the ingress received it.
+    /// When the status happened according to Plivo, when the callback says. Part of the
+    /// status precedence, which only callback parameters may decide.
+    pub plivo_time: Option<OffsetDateTime>,
+    /// `plivo_time`, else when the ingress received the callback.
     pub event_at: OffsetDateTime,
     pub received_at: OffsetDateTime,
     /// SHA-256 of the sorted parameters: a Plivo retry (new nonce, same fields) is the same event.
@@ -73,10 +77,9 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
             None
         }
     });
-    let event_at = ["DeliveryReportTime", "SentTime", "QueuedTime", "MessageTime"]
+    let plivo_time = ["DeliveryReportTime", "SentTime", "QueuedTime", "MessageTime"]
         .iter()
-        .find_map(|key| non_empty(event.param(key)).and_then(parse_plivo_time))
-        .unwrap_or(event.received_at);
+        .find_map(|key| non_empty(event.param(key)).and_then(parse_plivo_time));
     Ok(StatusUpdate {
         reference,
         message_uuid,
@@ -85,9 +88,10 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
         error_code: parse_error_code(event.param("ErrorCode")).and_then(|c| i32::try_from(c).ok()),
         units: non_empty(event.param("Units")).and_then(|v| v.parse().ok()),
         amount: non_empty(event.param("TotalAmount")).filter(|a| a.parse::<f64>().is_ok()).map(str::to_owned),
-        sender: non_empty(event.param("From")).map(str::to_owned),
-        recipient: non_empty(event.param("To")).map(str::to_owned),
-        event_at,
+        sender: non_empty(event.param("From")).map(party_identity),
+        recipient: non_empty(event.param("To")).map(party_identity),
+        plivo_time,
+        event_at: plivo_time.unwrap_or(event.received_at),
         received_at: event.received_at,
         dedupe_key: dedupe_key(&event.params),
         params: params_json(&event.params),
@@ -99,7 +103,7 @@ fn non_empty(value: Option<&str>) -> Option<&str> {
 }
 
 /// `2024-05-14 09:12:44.319284`, taken as UTC (Plivo does not say; PROTOCOL.md §2.1).
-fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
+pub fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
     let with_fraction = format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond]");
     let without = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     time::PrimitiveDateTime::parse(raw, with_fraction)
@@ -163,8 +167,10 @@ mod tests {
             ("Units", "2"),
             ("TotalAmount", "0.01300"),
             ("DeliveryReportTime", "2024-05-14 09:12:49.750186"),
+            ("To", "14155559292"),
         ]))
         .unwrap();
+        assert_eq!(update.recipient.as_deref(), Some("+14155559292"), "numbers are stored in E.164");
         assert_eq!(update.status, MessageStatus::Undelivered);
         assert_eq!((update.error_code, update.sequence, update.units), (Some(30), Some(4), Some(2)));
         assert_eq!(update.amount.as_deref(), Some("0.01300"));

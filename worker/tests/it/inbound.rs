@@ -91,3 +91,78 @@ async fn a_callback_with_error_200_records_the_opt_out(pool: PgPool) {
     assert_eq!(row, ("+14155550199".into(), "+14155550123".into(), "error_code".into()));
     worker.stop().await.unwrap();
 }
+
+/// An inbound message from the test recipient to `to`, sent at Plivo's `MessageTime` `at`.
+fn inbound_to(uuid: &str, to: &str, text: &str, at: &str) -> CallbackEvent {
+    shared::testing::callback_event(&[
+        ("From", "14155552671"),
+        ("To", to),
+        ("Text", text),
+        ("MessageUUID", uuid),
+        ("MessageTime", at),
+    ])
+}
+
+/// Publishes `job` and asserts it ends rejected for the opt-out, with no request to Plivo.
+async fn assert_suppressed(
+    pool: &PgPool,
+    worker: &crate::helpers::TestWorker,
+    plivo: &plivo_sim::Simulator,
+    job: shared::amqp::contracts::SendJob,
+) {
+    publish_job(&worker.publisher, &job).await;
+    let (_, reason) = wait_for_status(pool, job.id, "rejected").await;
+    assert_eq!(reason.as_deref(), Some("opted_out"), "{job:?}");
+    assert!(plivo.requests().await.is_empty(), "no Plivo request while opted out: {job:?}");
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn stop_to_a_short_code_a_long_number_or_a_powerpack_number_suppresses_the_next_send(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    publish_inbound(&worker, &inbound_to("in-sc", "12345", "STOP", "2026-11-30 10:00:00")).await;
+    publish_inbound(&worker, &inbound_to("in-ln", "14155550100", "STOP", "2026-11-30 10:00:00")).await;
+    wait_rows(&pool, "SELECT count(*) FROM opt_outs WHERE recipient = '+14155552671'", 2).await;
+
+    let from_short_code = shared::amqp::contracts::SendJob { from: Some("12345".into()), ..send_job("short code") };
+    assert_suppressed(&pool, &worker, &plivo, from_short_code).await;
+    assert_suppressed(&pool, &worker, &plivo, send_job("long number")).await;
+    // A Powerpack may pick any number of its pool, the one STOPped included.
+    let via_powerpack = shared::amqp::contracts::SendJob {
+        from: None,
+        powerpack_uuid: Some("7f8a3d4e-0000-4000-8000-000000000001".into()),
+        ..send_job("powerpack")
+    };
+    assert_suppressed(&pool, &worker, &plivo, via_powerpack).await;
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_start_older_than_the_stop_it_meets_keeps_the_number_opted_out(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    // The recipient wrote START at 10:00 and STOP at 10:05; Plivo's retry of the START reaches
+    // us after the STOP.
+    publish_inbound(&worker, &inbound_to("in-stop-late", "14155550100", "STOP", "2026-11-30 10:05:00")).await;
+    wait_rows(&pool, "SELECT count(*) FROM opt_outs", 1).await;
+    publish_inbound(&worker, &inbound_to("in-start-early", "14155550100", "START", "2026-11-30 10:00:00")).await;
+    wait_rows(&pool, "SELECT count(*) FROM inbound_messages", 2).await;
+
+    assert_suppressed(&pool, &worker, &plivo, send_job("after the reordering")).await;
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_start_to_one_number_does_not_lift_a_stopall(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    publish_inbound(&worker, &inbound_to("in-stopall", "14155550100", "STOPALL", "2026-11-30 10:00:00")).await;
+    wait_rows(&pool, "SELECT count(*) FROM opt_outs WHERE sender = '*'", 1).await;
+    publish_inbound(&worker, &inbound_to("in-start-one", "14155550100", "START", "2026-11-30 10:05:00")).await;
+    wait_rows(&pool, "SELECT count(*) FROM inbound_messages", 2).await;
+
+    let from_another_number =
+        shared::amqp::contracts::SendJob { from: Some("+14155550111".into()), ..send_job("another number") };
+    assert_suppressed(&pool, &worker, &plivo, from_another_number).await;
+    worker.stop().await.unwrap();
+}

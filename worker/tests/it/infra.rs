@@ -18,14 +18,13 @@ async fn migrations_create_the_schema_with_its_constraints(pool: PgPool) {
     for table in ["inbound_messages", "message_events", "messages", "opt_outs"] {
         assert!(tables.iter().any(|t| t == table), "{table} exists: {tables:?}");
     }
-    let bad_status =
-        sqlx::query("INSERT INTO messages (id, status, status_rank) VALUES (gen_random_uuid(), 'lost', 10)")
-            .execute(&pool)
-            .await
-            .unwrap_err();
+    let bad_status = sqlx::query("INSERT INTO messages (id, status) VALUES (gen_random_uuid(), 'lost')")
+        .execute(&pool)
+        .await
+        .unwrap_err();
     assert_eq!(bad_status.as_database_error().and_then(|e| e.constraint()), Some("messages_status_known"));
     let duplicate_uuid = sqlx::query(
-        "INSERT INTO messages (id, message_uuid, status, status_rank) VALUES (gen_random_uuid(), 'u', 'sent', 50), (gen_random_uuid(), 'u', 'sent', 50)",
+        "INSERT INTO messages (id, message_uuid, status) VALUES (gen_random_uuid(), 'u', 'sent'), (gen_random_uuid(), 'u', 'sent')",
     )
     .execute(&pool)
     .await

@@ -9,3 +9,4 @@ mod outage;
 mod poison;
 mod send;
 mod status;
+mod status_rule;

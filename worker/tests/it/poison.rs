@@ -77,3 +77,36 @@ async fn replayed_dead_letters_are_processed_once_the_cause_is_fixed(pool: PgPoo
     assert_eq!(worker.broker.len(&worker.broker.topology.dead_letter_queue(Stream::Status)).await, 0);
     worker.stop().await.unwrap();
 }
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn twenty_five_dry_runs_then_a_replay_bring_back_every_dead_letter(pool: PgPool) {
+    // RabbitMQ 4 drops a quorum-queue message after 20 failed deliveries; a dry run that
+    // returned messages with nack(requeue) lost them all by the 21st.
+    let worker = start_worker(&pool, |_| {}).await;
+    let dead_exchange = worker.broker.topology.dead_letter_exchange();
+    let dead = worker.broker.topology.dead_letter_queue(Stream::Status);
+    for i in 0..5 {
+        let event = callback(&format!("m-dead-{i}"), "delivered", 3);
+        let properties = shared::amqp::headers::json_message(CallbackEvent::SCHEMA, 1, "id", Default::default());
+        worker
+            .publisher
+            .publish_to(&dead_exchange, Stream::Status.name(), &serde_json::to_vec(&event).unwrap(), properties)
+            .await
+            .unwrap();
+    }
+
+    for run in 1..=25 {
+        let report = worker::replay::replay_dead_letters(&worker.settings.amqp, Stream::Status, true).await.unwrap();
+        assert_eq!(report.by_reason.values().sum::<u64>(), 5, "dry run {run} counts all: {:?}", report.by_reason);
+        assert_eq!(worker.broker.len(&dead).await, 5, "dry run {run} leaves the queue as it was");
+    }
+    let report = worker::replay::replay_dead_letters(&worker.settings.amqp, Stream::Status, false).await.unwrap();
+
+    assert_eq!(report.replayed, 5);
+    wait_for_events(&pool, 5, Duration::from_secs(20)).await;
+    for i in 0..5 {
+        assert_eq!(state_of(&pool, &format!("m-dead-{i}")).await.0, "delivered");
+    }
+    assert_eq!(worker.broker.len(&dead).await, 0);
+    worker.stop().await.unwrap();
+}

@@ -81,13 +81,14 @@ async fn a_429_then_202_is_one_sms(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn three_503s_then_202_is_one_sms_through_the_delay_queue(pool: PgPool) {
+async fn with_503_configured_retryable_three_503s_then_202_is_one_sms_through_the_delay_queue(pool: PgPool) {
     let plivo = start_plivo().await;
     plivo.script(&vec![ScriptedAnswer::refuse(503, "service unavailable"); 3]).await;
     // Two in-process retries: the third 503 sends the job through the delay queue.
     let worker = start_worker(&pool, |s| {
         use_plivo(s, &plivo);
         s.sending.in_process_retries = 2;
+        s.sending.retry_statuses = vec![429, 503];
     })
     .await;
     let job = send_job("server errors first");
@@ -208,12 +209,10 @@ async fn the_sender_rate_holds_ten_per_second_over_thirty_seconds_of_backlog(poo
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_plivo_uuid_already_on_another_row_does_not_wedge_the_job(pool: PgPool) {
-    sqlx::query!(
-        "INSERT INTO messages (id, message_uuid, status, status_rank) VALUES (gen_random_uuid(), 'taken', 'sent', 50)"
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::query!("INSERT INTO messages (id, message_uuid, status) VALUES (gen_random_uuid(), 'taken', 'sent')")
+        .execute(&pool)
+        .await
+        .unwrap();
     let plivo = start_plivo().await;
     plivo.script(&[ScriptedAnswer { message_uuid: Some("taken".into()), ..ScriptedAnswer::accept() }]).await;
     let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
@@ -221,6 +220,110 @@ async fn a_plivo_uuid_already_on_another_row_does_not_wedge_the_job(pool: PgPool
 
     publish_job(&worker.publisher, &job).await;
     wait_for_status(&pool, job.id, "submitted").await;
+    assert_eq!(requests(&plivo).await, 1);
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn by_default_a_server_error_is_unknown_with_one_request_and_no_resend(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    let codes = [500u16, 502, 503, 504];
+    for (i, code) in codes.into_iter().enumerate() {
+        plivo.script(&[ScriptedAnswer::refuse(code, "upstream trouble")]).await;
+        let job = send_job(&format!("server error {code}"));
+        publish_job(&worker.publisher, &job).await;
+        let (_, reason) = wait_for_status(&pool, job.id, "unknown").await;
+        assert!(reason.unwrap_or_default().contains(&format!("{code}")), "the reason names {code}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(requests(&plivo).await, i + 1, "{code}: one request, never resent");
+    }
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_database_blip_while_recording_the_submission_does_not_make_it_unknown(pool: PgPool) {
+    // The first two attempts to record the submission fail as a failover would (a sequence is
+    // not rolled back with the failed statement, so it counts them).
+    sqlx::raw_sql(
+        "CREATE SEQUENCE blips;
+         CREATE FUNCTION blip() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF nextval('blips') <= 2 THEN
+                 RAISE EXCEPTION 'simulated blip' USING ERRCODE = '40001';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER blip BEFORE UPDATE ON messages FOR EACH ROW
+             WHEN (OLD.submitted_at IS NULL AND NEW.submitted_at IS NOT NULL) EXECUTE FUNCTION blip();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    let job = send_job("sent during a blip");
+
+    publish_job(&worker.publisher, &job).await;
+    wait_for_status(&pool, job.id, "submitted").await;
+
+    let blips: i64 = sqlx::query_scalar("SELECT last_value FROM blips").fetch_one(&pool).await.unwrap();
+    assert_eq!(blips, 3, "two failed writes, then the one that held");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(requests(&plivo).await, 1, "one SMS");
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_job_id_reused_with_other_content_is_dead_lettered_and_not_sent(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    let first = send_job("the first text");
+    publish_job(&worker.publisher, &first).await;
+    wait_for_status(&pool, first.id, "submitted").await;
+
+    let other = shared::amqp::contracts::SendJob { text: "another text".into(), ..first.clone() };
+    publish_job(&worker.publisher, &other).await;
+    publish_job(&worker.publisher, &first).await; // the same content again: a harmless duplicate
+
+    let dead = worker.broker.topology.dead_letter_queue(Stream::Send);
+    let mut message = None;
+    for _ in 0..100 {
+        message = worker.broker.get(&dead).await;
+        if message.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message = message.expect("the reused id is dead-lettered");
+    let reason = get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap();
+    assert!(reason.starts_with("idempotency conflict"), "{reason}");
+    let dead_job: shared::amqp::contracts::SendJob = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(dead_job.text, "another text");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(requests(&plivo).await, 1, "one SMS, with the first text");
+    assert_eq!(plivo.requests().await[0].body["text"], "the first text");
+    assert_eq!(worker.broker.len(&dead).await, 0, "only the other content was dead-lettered");
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn an_opt_out_after_the_send_does_not_rewrite_a_redelivered_job(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
+    let job = send_job("sent before the STOP");
+    publish_job(&worker.publisher, &job).await;
+    wait_for_status(&pool, job.id, "submitted").await;
+    sqlx::query("INSERT INTO opt_outs (recipient, sender, source) VALUES ('+14155552671', '*', 'operator')")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    publish_job(&worker.publisher, &job).await; // a duplicate publish
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let (status, reason) = wait_for_status(&pool, job.id, "submitted").await;
+    assert_eq!((status.as_str(), reason), ("submitted", None), "the sent message keeps its status");
     assert_eq!(requests(&plivo).await, 1);
     worker.stop().await.unwrap();
 }

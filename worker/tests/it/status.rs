@@ -97,7 +97,7 @@ async fn ten_thousand_events_over_two_thousand_messages_land_exactly_in_batches_
 async fn a_callback_with_our_ref_lands_on_our_row(pool: PgPool) {
     let id = uuid::Uuid::now_v7();
     sqlx::query!(
-        "INSERT INTO messages (id, status, status_rank, recipient, accepted_at) VALUES ($1, 'submitted', 30, '+14155550199', now())",
+        "INSERT INTO messages (id, status, recipient, accepted_at) VALUES ($1, 'submitted', '+14155550199', now())",
         id
     )
     .execute(&pool)
