@@ -180,15 +180,12 @@ async fn check(pool: &PgPool, stories: &[Vec<Callback>], uuids: &[String]) -> Re
 
 /// Runs `property` over generated cases on a runtime of its own (proptest's runner is
 /// synchronous), with its own pool to the test's database.
-fn run_property<S: Strategy>(
+fn run_property<S: Strategy + Send + 'static>(
     pool: &PgPool,
     cases: u32,
     strategy: S,
     property: impl Fn(&PgPool, S::Value) -> futures_util::future::BoxFuture<'_, Result<(), TestCaseError>> + Send + 'static,
-) -> tokio::task::JoinHandle<()>
-where
-    S: Send + 'static,
-{
+) -> tokio::task::JoinHandle<()> {
     let options = (*pool.connect_options()).clone();
     tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
