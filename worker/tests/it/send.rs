@@ -11,6 +11,20 @@ use sqlx::PgPool;
 
 use crate::helpers::{CALLBACK_BASE_URL, publish_job, send_job, start_plivo, start_worker, use_plivo, wait_for_status};
 
+/// The next dead-lettered send job and its reason (waits up to 10 s).
+async fn next_send_dead_letter(worker: &crate::helpers::TestWorker) -> (lapin::message::BasicGetMessage, String) {
+    let dead = worker.broker.topology.dead_letter_queue(Stream::Send);
+    for _ in 0..100 {
+        if let Some(message) = worker.broker.get(&dead).await {
+            let headers = message.delivery.properties.headers().clone();
+            let reason = get_str(headers.as_ref(), DEAD_LETTER_REASON_HEADER).expect("a dead-letter reason").to_owned();
+            return (message, reason);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing was dead-lettered from {dead}");
+}
+
 async fn requests(plivo: &Simulator) -> usize {
     plivo.requests().await.len()
 }
@@ -167,17 +181,7 @@ async fn an_invalid_job_is_dead_lettered_with_its_reason(pool: PgPool) {
 
     publish_job(&worker.publisher, &job).await;
 
-    let dead = worker.broker.topology.dead_letter_queue(Stream::Send);
-    let mut message = None;
-    for _ in 0..100 {
-        message = worker.broker.get(&dead).await;
-        if message.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let message = message.expect("dead-lettered");
-    let reason = get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap();
+    let (_, reason) = next_send_dead_letter(&worker).await;
     assert!(reason.starts_with("invalid send job: to:"), "{reason}");
     assert_eq!(requests(&plivo).await, 0);
     worker.stop().await.unwrap();
@@ -286,24 +290,18 @@ async fn a_job_id_reused_with_other_content_is_dead_lettered_and_not_sent(pool: 
     publish_job(&worker.publisher, &other).await;
     publish_job(&worker.publisher, &first).await; // the same content again: a harmless duplicate
 
-    let dead = worker.broker.topology.dead_letter_queue(Stream::Send);
-    let mut message = None;
-    for _ in 0..100 {
-        message = worker.broker.get(&dead).await;
-        if message.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let message = message.expect("the reused id is dead-lettered");
-    let reason = get_str(message.delivery.properties.headers().as_ref(), DEAD_LETTER_REASON_HEADER).unwrap();
+    let (message, reason) = next_send_dead_letter(&worker).await;
     assert!(reason.starts_with("idempotency conflict"), "{reason}");
     let dead_job: shared::amqp::contracts::SendJob = serde_json::from_slice(&message.delivery.data).unwrap();
     assert_eq!(dead_job.text, "another text");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(requests(&plivo).await, 1, "one SMS, with the first text");
     assert_eq!(plivo.requests().await[0].body["text"], "the first text");
-    assert_eq!(worker.broker.len(&dead).await, 0, "only the other content was dead-lettered");
+    assert_eq!(
+        worker.broker.len(&worker.broker.topology.dead_letter_queue(Stream::Send)).await,
+        0,
+        "only the other content was dead-lettered"
+    );
     worker.stop().await.unwrap();
 }
 
