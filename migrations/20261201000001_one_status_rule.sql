@@ -76,7 +76,6 @@ WHERE o.sender ~ '^\+[0-9]{3,8}$'
 DELETE FROM opt_outs WHERE sender ~ '^\+[0-9]{3,8}$';
 
 -- Status callbacks stored Plivo's digits ('14155559292'); numbers are E.164 everywhere else.
-UPDATE messages SET recipient = '+' || recipient WHERE recipient ~ '^[0-9]{9,15}$';
+UPDATE messages SET recipient = '+' || recipient WHERE recipient ~ '^[0-9]{3,15}$';
 UPDATE messages SET sender = '+' || sender WHERE sender ~ '^[0-9]{9,15}$';
 UPDATE inbound_messages SET recipient = substr(recipient, 2) WHERE recipient ~ '^\+[0-9]{3,8}$';
-UPDATE inbound_messages SET sender = substr(sender, 2) WHERE sender ~ '^\+[0-9]{3,8}$';

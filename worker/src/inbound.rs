@@ -17,7 +17,7 @@ use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
-use shared::domain::phone::party_identity;
+use shared::domain::phone::{party_identity, their_identity};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,7 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
     }
     let field = |key: &str| event.param(key).map(str::trim).filter(|v| !v.is_empty());
     let message_uuid = field("MessageUUID").ok_or("inbound message has no MessageUUID")?.to_owned();
-    let sender = party_identity(field("From").ok_or("inbound message has no From")?);
+    let sender = their_identity(field("From").ok_or("inbound message has no From")?);
     let recipient = party_identity(field("To").ok_or("inbound message has no To")?);
     let sent_at = field("MessageTime")
         .and_then(crate::status::event::parse_plivo_time)
@@ -109,7 +109,7 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
         body,
         message_type: field("Type").unwrap_or("sms").to_owned(),
         units: field("Units").and_then(|u| u.parse().ok()),
-        amount: field("TotalAmount").filter(|a| a.parse::<f64>().is_ok()).map(str::to_owned),
+        amount: crate::status::event::plausible_amount(field("TotalAmount")),
         intent,
         params: params.into(),
         received_at: event.received_at,

@@ -220,18 +220,15 @@ pub mod sending {
     /// Records a job as `accepted` with its content's fingerprint, unless its id is known.
     pub async fn record_job(pool: &PgPool, job: &ValidSend) -> Result<Recorded, sqlx::Error> {
         let fingerprint = job.fingerprint();
-        // The subquery reads the snapshot before the insert: NULL for a new row.
+        // DO UPDATE (a no-op write), not DO NOTHING: it waits for a concurrent delivery that is
+        // inserting the same id and returns that row, so two contents racing cannot both pass.
         let row = sqlx::query!(
             r#"
-            WITH inserted AS (
-                INSERT INTO messages (id, sender, recipient, body, status, encoding, segments, metadata,
-                                      job_fingerprint, accepted_at)
-                VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, now())
-                ON CONFLICT (id) DO NOTHING
-                RETURNING id
-            )
-            SELECT EXISTS (SELECT 1 FROM inserted) AS "inserted!",
-                   (SELECT job_fingerprint FROM messages WHERE id = $1) AS stored
+            INSERT INTO messages AS m (id, sender, recipient, body, status, encoding, segments, metadata,
+                                       job_fingerprint, accepted_at)
+            VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, now())
+            ON CONFLICT (id) DO UPDATE SET job_fingerprint = m.job_fingerprint
+            RETURNING (xmax = 0) AS "inserted!", job_fingerprint AS stored
             "#,
             job.id,
             job.sender.as_str(),

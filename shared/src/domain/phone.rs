@@ -69,14 +69,22 @@ impl fmt::Display for PhoneNumber {
     }
 }
 
-/// How a party of a message (our sender, their number) is written wherever it is stored or
-/// compared: E.164 for phone numbers, digits for short codes (3–8 digits, as `Sender` parses
-/// them), a sender ID as given. Plivo writes numbers without the `+`; every number taken from a
-/// callback goes through here, so an opt-out stored from a STOP matches the send it must stop.
+/// How our side of a message (the sender we send from, the number an inbound SMS was written
+/// to) is written wherever it is stored or compared: E.164 for phone numbers, digits for short
+/// codes (3–8 digits, as `Sender` parses them), a sender ID as given. Plivo writes numbers
+/// without the `+`; every number taken from a callback goes through here or through
+/// [`their_identity`], so an opt-out stored from a STOP matches the send it must stop.
 pub fn party_identity(raw: &str) -> String {
     let raw = raw.trim();
     let digits = !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit());
     if digits && raw.len() > crate::domain::send::MAX_SHORT_CODE_DIGITS { format!("+{raw}") } else { raw.to_owned() }
+}
+
+/// How the other side (a recipient of ours, the writer of an inbound SMS) is written: always a
+/// phone number, so E.164 even when it is as short as a short code (Niue's +683 4xxx, say).
+pub fn their_identity(raw: &str) -> String {
+    let raw = raw.trim();
+    if !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit()) { format!("+{raw}") } else { raw.to_owned() }
 }
 
 #[cfg(test)]
@@ -89,6 +97,8 @@ mod tests {
         assert_eq!(party_identity("+14155559292"), "+14155559292");
         assert_eq!(party_identity("12345"), "12345", "a short code keeps its digits");
         assert_eq!(party_identity("MyBrand"), "MyBrand");
+        assert_eq!(their_identity("6834123"), "+6834123", "the other side is always a phone number");
+        assert_eq!(their_identity("+14155559292"), "+14155559292");
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct ValidSend {
     pub message_expiry: Option<u32>,
     pub metadata: serde_json::Value,
     pub callback: Option<String>,
+    /// See [`ValidSend::fingerprint`].
+    #[serde(skip)]
+    fingerprint: [u8; 32],
 }
 
 /// A refused field and why.
@@ -124,6 +127,13 @@ impl SendJob {
         {
             return Err(field("callback", "must be an http:// or https:// URL"));
         }
+        // The sender as the job gave it: a default sender that differs between the ingress and
+        // the worker, or changes between a request and its retry, is not a different message.
+        let given_sender = match (&self.from, &self.powerpack_uuid) {
+            (None, None) => None,
+            _ => Some(&sender),
+        };
+        let fingerprint = fingerprint(&to, given_sender, &self.text, self.message_expiry, &metadata, &self.callback);
         Ok(ValidSend {
             id: self.id,
             to,
@@ -133,6 +143,7 @@ impl SendJob {
             message_expiry: self.message_expiry,
             metadata,
             callback: self.callback.clone(),
+            fingerprint,
         })
     }
 }
@@ -147,31 +158,38 @@ fn contains_nul(value: &serde_json::Value) -> bool {
 }
 
 impl ValidSend {
-    /// SHA-256 of everything that decides what is sent and told: recipient, sender, text,
-    /// options, metadata, callback. Two jobs with one id and different fingerprints are two
-    /// different messages under one idempotency key. Metadata keys are sorted (serde_json's
-    /// map), so the order a client wrote them in does not matter.
+    /// SHA-256 of everything that decides what is sent and told: recipient, the sender as given
+    /// (none: the default), text, options, metadata, callback. Two jobs with one id and
+    /// different fingerprints are two different messages under one idempotency key. Metadata
+    /// keys are sorted (serde_json's map), so the order a client wrote them in does not matter.
     pub fn fingerprint(&self) -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        #[derive(Serialize)]
-        struct Content<'a> {
-            to: &'a str,
-            sender: &'a Sender,
-            text: &'a str,
-            message_expiry: Option<u32>,
-            metadata: &'a serde_json::Value,
-            callback: Option<&'a str>,
-        }
-        let content = Content {
-            to: self.to.as_str(),
-            sender: &self.sender,
-            text: &self.text,
-            message_expiry: self.message_expiry,
-            metadata: &self.metadata,
-            callback: self.callback.as_deref(),
-        };
-        Sha256::digest(serde_json::to_vec(&content).expect("plain data serializes")).into()
+        self.fingerprint
     }
+}
+
+fn fingerprint(
+    to: &PhoneNumber,
+    sender: Option<&Sender>,
+    text: &str,
+    message_expiry: Option<u32>,
+    metadata: &serde_json::Value,
+    callback: &Option<String>,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    #[derive(Serialize)]
+    struct Content<'a> {
+        /// Changes whenever what is hashed changes, so old and new fingerprints never meet.
+        version: u8,
+        to: &'a str,
+        sender: Option<&'a Sender>,
+        text: &'a str,
+        message_expiry: Option<u32>,
+        metadata: &'a serde_json::Value,
+        callback: Option<&'a str>,
+    }
+    let content =
+        Content { version: 1, to: to.as_str(), sender, text, message_expiry, metadata, callback: callback.as_deref() };
+    Sha256::digest(serde_json::to_vec(&content).expect("plain data serializes")).into()
 }
 
 #[cfg(test)]
@@ -250,6 +268,8 @@ mod tests {
         let fingerprint = |job: &SendJob| job.validate("+14155550100").unwrap().fingerprint();
         assert_eq!(fingerprint(&base), fingerprint(&reordered));
         assert_eq!(fingerprint(&base), fingerprint(&SendJob { to: " +14155552671".into(), ..base.clone() }));
+        let with_other_default = base.validate("+14155550111").unwrap().fingerprint();
+        assert_eq!(fingerprint(&base), with_other_default, "the default sender is not part of the content");
         for other in [
             SendJob { text: "hello!".into(), ..base.clone() },
             SendJob { to: "+14155552672".into(), ..base.clone() },

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 use shared::amqp::contracts::CallbackEvent;
 use shared::domain::MessageStatus;
-use shared::domain::phone::party_identity;
+use shared::domain::phone::{party_identity, their_identity};
 use shared::plivo::errors::parse_error_code;
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -87,15 +87,24 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
         sequence: non_empty(event.param("Sequence")).and_then(|v| v.parse().ok()),
         error_code: parse_error_code(event.param("ErrorCode")).and_then(|c| i32::try_from(c).ok()),
         units: non_empty(event.param("Units")).and_then(|v| v.parse().ok()),
-        amount: non_empty(event.param("TotalAmount")).filter(|a| a.parse::<f64>().is_ok()).map(str::to_owned),
+        amount: plausible_amount(event.param("TotalAmount")),
         sender: non_empty(event.param("From")).map(party_identity),
-        recipient: non_empty(event.param("To")).map(party_identity),
+        recipient: non_empty(event.param("To")).map(their_identity),
         plivo_time,
         event_at: plivo_time.unwrap_or(event.received_at),
         received_at: event.received_at,
         dedupe_key: dedupe_key(&event.params),
         params: params_json(&event.params),
     })
+}
+
+/// Plivo's charge as written, if it fits `numeric(14, 5)`; anything else ("inf", "NaN", 1e400)
+/// is dropped rather than let the database refuse, and dead-letter, the whole callback.
+pub fn plausible_amount(raw: Option<&str>) -> Option<String> {
+    let raw = non_empty(raw)?;
+    let plain = raw.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-');
+    let value: f64 = raw.parse().ok()?;
+    (plain && value.is_finite() && value.abs() < 1e9).then(|| raw.to_owned())
 }
 
 fn non_empty(value: Option<&str>) -> Option<&str> {
@@ -185,6 +194,14 @@ mod tests {
             .collect();
         let json: serde_json::Value = serde_json::from_str(&params_json(&params)).unwrap();
         assert_eq!(json, serde_json::json!({"A": "\"q\"", "Status": "sent", "To": ["1", "2"]}));
+    }
+
+    #[test]
+    fn only_an_amount_the_database_can_hold_is_kept() {
+        assert_eq!(plausible_amount(Some("0.01300")).as_deref(), Some("0.01300"));
+        for hostile in ["inf", "NaN", "1e400", "1e12", "12345678901", "", "0x10"] {
+            assert_eq!(plausible_amount(Some(hostile)), None, "{hostile}");
+        }
     }
 
     #[test]
