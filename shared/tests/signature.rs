@@ -1,4 +1,4 @@
-//! The V3/V2 verifier against every vector in ../shared/plivo/signature-vectors.json (checked
+//! The V3/V2 verifier against every vector in `tests/data/signature-vectors.json` (each checked
 //! against Plivo's own SDKs), plus properties that must hold for any request.
 
 use std::path::PathBuf;
@@ -47,11 +47,11 @@ struct Candidate {
     signed_string: String,
 }
 
-/// The vectors live beside the project (`../shared/plivo`); SMSFLOW_SIGNATURE_VECTORS overrides.
+/// The vectors are test data kept in the repository; SMSFLOW_SIGNATURE_VECTORS overrides.
 fn vectors() -> VectorFile {
     let path = std::env::var_os("SMSFLOW_SIGNATURE_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/plivo/signature-vectors.json"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/signature-vectors.json"));
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read signature vectors at {}: {e}", path.display()));
     serde_json::from_str(&text).expect("signature-vectors.json parses")
