@@ -181,10 +181,20 @@ pub struct Rerouter {
 impl Rerouter {
     /// Parks a delivery that can never be processed, with the reason in a header.
     pub async fn dead_letter(&self, stream: Stream, delivery: &Delivery, reason: &str) -> Result<(), PublishError> {
+        self.publish_dead(stream, delivery, reason, &[(DEAD_LETTER_REASON_HEADER, header_text(reason))]).await
+    }
+
+    async fn publish_dead(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        reason: &str,
+        headers: &[(&str, AMQPValue)],
+    ) -> Result<(), PublishError> {
         tracing::warn!(stream = stream.name(), reason, "dead-lettering a message");
         metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => reason_kind(reason))
             .increment(1);
-        let properties = with_headers(delivery, &[(DEAD_LETTER_REASON_HEADER, header_text(reason))]);
+        let properties = with_headers(delivery, headers);
         self.publisher
             .publish_to(&self.topology.dead_letter_exchange(), stream.name(), &delivery.data, properties)
             .await
@@ -197,25 +207,37 @@ impl Rerouter {
         delivery: &Delivery,
         reason: &str,
     ) -> Result<Rerouted, PublishError> {
+        self.retry_later_with(stream, delivery, reason, &[]).await
+    }
+
+    /// `retry_later`, adding headers that the delivery carries from now on.
+    pub async fn retry_later_with(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        reason: &str,
+        extra: &[(&str, AMQPValue)],
+    ) -> Result<Rerouted, PublishError> {
         let attempt = get_int(delivery.properties.headers().as_ref(), RETRY_COUNT_HEADER).unwrap_or(0) + 1;
         match self.topology.retry_queue(stream, attempt as usize) {
             Some(queue) => {
                 tracing::info!(stream = stream.name(), attempt, reason, "retrying a message later");
                 metrics::counter!("smsflow_retries_total", "stream" => stream.name(), "reason" => reason_kind(reason))
                     .increment(1);
-                let properties = with_headers(
-                    delivery,
-                    &[
-                        (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)),
-                        (DEAD_LETTER_REASON_HEADER, header_text(reason)),
-                    ],
-                );
+                let mut headers = vec![
+                    (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)),
+                    (DEAD_LETTER_REASON_HEADER, header_text(reason)),
+                ];
+                headers.extend(extra.iter().cloned());
+                let properties = with_headers(delivery, &headers);
                 self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
                 Ok(Rerouted::RetryScheduled { attempt })
             }
             None => {
                 let reason = format!("gave up after {} retries: {reason}", attempt - 1);
-                self.dead_letter(stream, delivery, &reason).await?;
+                let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&reason))];
+                headers.extend(extra.iter().cloned());
+                self.publish_dead(stream, delivery, &reason, &headers).await?;
                 Ok(Rerouted::DeadLettered)
             }
         }
@@ -224,7 +246,8 @@ impl Rerouter {
 
 /// A bounded label for a free-text reason (metrics must not grow a series per message).
 fn reason_kind(reason: &str) -> &'static str {
-    const KINDS: [(&str, &str); 11] = [
+    const KINDS: [(&str, &str); 12] = [
+        ("idempotency conflict", "idempotency_conflict"),
         ("not a JSON", "not_json"),
         ("unsupported", "schema"),
         ("callback has no", "missing_field"),

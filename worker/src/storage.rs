@@ -65,7 +65,7 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         -- One statement cannot touch a row twice: each message's winner within the batch.
         winners AS (
             SELECT DISTINCT ON (id) id, message_uuid, sender, recipient, status, sequence, error_code,
-                   plivo_time, event_key,
+                   plivo_time, event_key, event_at,
                    max(units) OVER per_message AS units,
                    max(amount::numeric) OVER per_message AS amount,
                    max(event_at) OVER per_message AS last_event_at
@@ -79,7 +79,8 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
                                        last_event_at, terminal_at)
             SELECT id, message_uuid, sender, recipient, status, sequence, plivo_time, event_key, error_code,
                    units, amount, last_event_at,
-                   CASE WHEN smsflow_status_is_terminal(status) THEN last_event_at END
+                   -- When the winning status happened, not when the first terminal one arrived.
+                   CASE WHEN smsflow_status_is_terminal(status) THEN event_at END
             FROM winners
             -- A stable order keeps concurrent workers from deadlocking on each other's rows.
             ORDER BY id
@@ -99,9 +100,8 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
                 -- Why the send path ended where it did no longer explains a callback's status.
                 status_reason    = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
                                         THEN NULL ELSE m.status_reason END,
-                terminal_at      = COALESCE(m.terminal_at,
-                                       CASE WHEN EXCLUDED.status_precedence > m.status_precedence
-                                            THEN EXCLUDED.terminal_at END),
+                terminal_at      = CASE WHEN EXCLUDED.status_precedence > m.status_precedence
+                                        THEN EXCLUDED.terminal_at ELSE m.terminal_at END,
                 units            = GREATEST(m.units, EXCLUDED.units),
                 amount           = GREATEST(m.amount, EXCLUDED.amount),
                 last_event_at    = GREATEST(m.last_event_at, EXCLUDED.last_event_at),

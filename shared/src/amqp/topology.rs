@@ -199,6 +199,9 @@ fn long_string(value: &str) -> AMQPValue {
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-smsflow-dead-reason";
 /// How many times a message went through the retry ladder.
 pub const RETRY_COUNT_HEADER: &str = "x-smsflow-retry-count";
+/// On a send job going round the retry ladder after Plivo accepted it: Plivo's MessageUUID
+/// (empty if its answer had none). The redelivery records the submission; it never resends.
+pub const PLIVO_ACCEPTED_HEADER: &str = "x-smsflow-plivo-accepted";
 /// How many times an operator replayed the message from its dead-letter queue: it was
 /// processed before, so a send job found in `sending` was interrupted, not in progress.
 pub const REPLAY_COUNT_HEADER: &str = "x-smsflow-replay-count";

@@ -93,6 +93,9 @@ impl SendJob {
         let sender = match (&self.from, &self.powerpack_uuid) {
             (Some(_), Some(_)) => return Err(field("from", "set either from or powerpack_uuid, not both")),
             (None, Some(pp)) if pp.trim().is_empty() => return Err(field("powerpack_uuid", "must not be empty")),
+            (None, Some(pp)) if pp.contains('\0') => {
+                return Err(field("powerpack_uuid", "must not contain NUL characters (U+0000)"));
+            }
             (None, Some(pp)) => Sender::Powerpack(pp.trim().to_owned()),
             (Some(from), None) => Sender::parse(from).map_err(|e| field("from", e))?,
             (None, None) if default_sender.is_empty() => {
@@ -123,7 +126,7 @@ impl SendJob {
             return Err(field("metadata", "must not contain NUL characters (U+0000)"));
         }
         if let Some(callback) = &self.callback
-            && !(callback.starts_with("https://") || callback.starts_with("http://"))
+            && (!(callback.starts_with("https://") || callback.starts_with("http://")) || callback.contains('\0'))
         {
             return Err(field("callback", "must be an http:// or https:// URL"));
         }

@@ -16,9 +16,10 @@ use std::time::Duration;
 use backon::Retryable as _;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use shared::amqp::contracts::SendJob;
-use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
-use shared::amqp::topology::{REPLAY_COUNT_HEADER, RETRY_COUNT_HEADER};
+use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int, get_str};
+use shared::amqp::topology::{PLIVO_ACCEPTED_HEADER, REPLAY_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{Stream, Topology};
 use shared::config::{DeliveryGuarantee, WorkerSettings};
 use shared::domain::send::ValidSend;
@@ -163,6 +164,13 @@ impl SendPipeline {
     async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> anyhow::Result<()> {
         let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
         let headers = delivery.properties.headers().as_ref();
+        if status == "sending"
+            && let Some(message_uuid) = get_str(headers, PLIVO_ACCEPTED_HEADER)
+        {
+            // Plivo accepted it on an earlier attempt whose write did not get through.
+            self.record_submitted(valid.id, Some(message_uuid).filter(|u| !u.is_empty())).await?;
+            return ack(delivery).await;
+        }
         let seen_before = delivery.redelivered
             || [RETRY_COUNT_HEADER, REPLAY_COUNT_HEADER].iter().any(|h| get_int(headers, h).unwrap_or(0) > 0);
         if status == "sending" && seen_before {
@@ -183,6 +191,23 @@ impl SendPipeline {
             tracing::info!(message_id = %valid.id, status, "duplicate send job; not sent again");
         }
         ack(delivery).await
+    }
+
+    /// Plivo has the message: a database blip must not turn it into `unknown` (or, at-least-once,
+    /// into a second SMS), so the write is retried here first.
+    async fn record_submitted(&self, id: uuid::Uuid, message_uuid: Option<&str>) -> Result<(), sqlx::Error> {
+        let write = || store::mark_submitted(&self.pool, id, message_uuid);
+        write
+            .retry(crate::retry::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
+            .when(crate::storage::is_transient)
+            .notify(|e, wait| tracing::warn!(message_id = %id, error = %e, ?wait, "recording the submission failed; retrying"))
+            .await?;
+        metrics::counter!("smsflow_send_outcomes_total", "outcome" => "submitted").increment(1);
+        if let Some(uuid) = message_uuid {
+            tracing::Span::current().record("plivo.message_uuid", uuid);
+        }
+        tracing::info!(message_id = %id, message_uuid = message_uuid.unwrap_or(""), "submitted to Plivo");
+        Ok(())
     }
 
     /// Calls Plivo, retrying in-process only what provably created no message.
@@ -212,19 +237,19 @@ impl SendPipeline {
         let id = valid.id;
         match outcome {
             SendOutcome::Accepted { message_uuid } => {
-                // Plivo has the message now: a database blip must not turn it into `unknown`
-                // (or, at-least-once, into a second SMS), so the write is retried here first.
-                let write = || store::mark_submitted(&self.pool, id, message_uuid.as_deref());
-                write
-                    .retry(crate::retry::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
-                    .when(crate::storage::is_transient)
-                    .notify(|e, wait| tracing::warn!(message_id = %id, error = %e, ?wait, "recording the submission failed; retrying"))
-                    .await?;
-                metrics::counter!("smsflow_send_outcomes_total", "outcome" => "submitted").increment(1);
-                if let Some(uuid) = &message_uuid {
-                    tracing::Span::current().record("plivo.message_uuid", uuid.as_str());
+                match self.record_submitted(id, message_uuid.as_deref()).await {
+                    Err(e) if crate::storage::is_transient(&e) => {
+                        // The database is still away: the job goes round the retry ladder carrying
+                        // Plivo's answer, and its redelivery records it instead of deciding the
+                        // call was interrupted (which would be `unknown`, or a second SMS).
+                        let accepted = AMQPValue::LongString(message_uuid.unwrap_or_default().into());
+                        let reason = format!("database: {e}");
+                        self.rerouter
+                            .retry_later_with(Stream::Send, delivery, &reason, &[(PLIVO_ACCEPTED_HEADER, accepted)])
+                            .await?;
+                    }
+                    other => other?,
                 }
-                tracing::info!(message_id = %id, message_uuid = message_uuid.as_deref().unwrap_or(""), "submitted to Plivo");
             }
             SendOutcome::Refused { status, error } => {
                 store::finish(&self.pool, id, "failed", &format!("Plivo refused the message ({status}): {error}"))

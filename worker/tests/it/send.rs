@@ -7,6 +7,7 @@ use plivo_sim::{ScriptedAnswer, Simulator};
 use shared::amqp::Stream;
 use shared::amqp::headers::get_str;
 use shared::amqp::topology::DEAD_LETTER_REASON_HEADER;
+use shared::config::DeliveryGuarantee;
 use sqlx::PgPool;
 
 use crate::helpers::{CALLBACK_BASE_URL, publish_job, send_job, start_plivo, start_worker, use_plivo, wait_for_status};
@@ -245,25 +246,33 @@ async fn by_default_a_server_error_is_unknown_with_one_request_and_no_resend(poo
     worker.stop().await.unwrap();
 }
 
-#[sqlx::test(migrator = "shared::MIGRATOR")]
-async fn a_database_blip_while_recording_the_submission_does_not_make_it_unknown(pool: PgPool) {
-    // The first two attempts to record the submission fail as a failover would (a sequence is
-    // not rolled back with the failed statement, so it counts them).
-    sqlx::raw_sql(
+/// Makes the first `failures` writes that record a submission fail as a failover would (a
+/// sequence is not rolled back with the failed statement, so it counts them).
+async fn fail_submission_writes(pool: &PgPool, failures: i64) {
+    sqlx::raw_sql(&format!(
         "CREATE SEQUENCE blips;
          CREATE FUNCTION blip() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-             IF nextval('blips') <= 2 THEN
+             IF nextval('blips') <= {failures} THEN
                  RAISE EXCEPTION 'simulated blip' USING ERRCODE = '40001';
              END IF;
              RETURN NEW;
          END $$;
          CREATE TRIGGER blip BEFORE UPDATE ON messages FOR EACH ROW
-             WHEN (OLD.submitted_at IS NULL AND NEW.submitted_at IS NOT NULL) EXECUTE FUNCTION blip();",
-    )
-    .execute(&pool)
+             WHEN (OLD.submitted_at IS NULL AND NEW.submitted_at IS NOT NULL) EXECUTE FUNCTION blip();"
+    ))
+    .execute(pool)
     .await
     .unwrap();
+}
+
+async fn submission_writes(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT last_value FROM blips").fetch_one(pool).await.unwrap()
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_database_blip_while_recording_the_submission_does_not_make_it_unknown(pool: PgPool) {
+    fail_submission_writes(&pool, 2).await;
     let plivo = start_plivo().await;
     let worker = start_worker(&pool, |s| use_plivo(s, &plivo)).await;
     let job = send_job("sent during a blip");
@@ -271,11 +280,58 @@ async fn a_database_blip_while_recording_the_submission_does_not_make_it_unknown
     publish_job(&worker.publisher, &job).await;
     wait_for_status(&pool, job.id, "submitted").await;
 
-    let blips: i64 = sqlx::query_scalar("SELECT last_value FROM blips").fetch_one(&pool).await.unwrap();
-    assert_eq!(blips, 3, "two failed writes, then the one that held");
+    assert_eq!(submission_writes(&pool).await, 3, "two failed writes, then the one that held");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(requests(&plivo).await, 1, "one SMS");
     worker.stop().await.unwrap();
+}
+
+/// A send whose submission cannot be written for longer than the in-process retries: one
+/// delivery tries 9 times (~10 s); the 10th write is the redelivery's, through the delay queue,
+/// which carries Plivo's answer instead of deciding the call was interrupted.
+async fn a_database_away_longer_than_the_in_process_retries(pool: PgPool, delivery: DeliveryGuarantee) {
+    fail_submission_writes(&pool, 9).await;
+    let plivo = start_plivo().await;
+    plivo.script(&[ScriptedAnswer { message_uuid: Some("plivo-uuid-late".into()), ..ScriptedAnswer::accept() }]).await;
+    let worker = start_worker(&pool, |s| {
+        use_plivo(s, &plivo);
+        s.sending.delivery = delivery;
+    })
+    .await;
+    let job = send_job("sent during an outage");
+
+    publish_job(&worker.publisher, &job).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let uuid = loop {
+        let row: (String, Option<String>) = sqlx::query_as("SELECT status, message_uuid FROM messages WHERE id = $1")
+            .bind(job.id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(("not recorded yet".into(), None));
+        assert_ne!(row.0, "unknown", "a sent message is never unknown");
+        if row.0 == "submitted" {
+            break row.1;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {} after 40 s", row.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    assert_eq!(submission_writes(&pool).await, 10, "nine failed writes, then the redelivery's");
+    assert_eq!(uuid.as_deref(), Some("plivo-uuid-late"), "Plivo's MessageUUID is kept");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(requests(&plivo).await, 1, "one SMS");
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn at_most_once_a_database_away_for_long_does_not_make_a_sent_message_unknown(pool: PgPool) {
+    a_database_away_longer_than_the_in_process_retries(pool, DeliveryGuarantee::AtMostOnce).await;
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn at_least_once_a_database_away_for_long_does_not_send_twice(pool: PgPool) {
+    a_database_away_longer_than_the_in_process_retries(pool, DeliveryGuarantee::AtLeastOnce).await;
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
