@@ -450,6 +450,14 @@ impl Validate for WorkerSettings {
         self.amqp.validate()?;
         self.database.validate()?;
         self.plivo.validate()?;
+        // The worker sends: without the account id every send would go to `/v1/Account//Message/`.
+        if self.plivo.auth_id.trim().is_empty() {
+            return Err(ConfigError::new(
+                "plivo.auth_id",
+                "is required by the worker (your Plivo Auth ID, MA… or SA…): set SMSFLOW_PLIVO__AUTH_ID or \
+                 SMSFLOW_PLIVO__AUTH_ID_FILE, or `plivo.auth_id` in the config file",
+            ));
+        }
         self.telemetry.validate()
     }
 }

@@ -51,6 +51,19 @@ fn a_missing_required_secret_names_the_key_and_how_to_set_it() {
 }
 
 #[test]
+fn the_worker_refuses_to_start_without_the_plivo_account_id() {
+    let err = load_with_env::<WorkerSettings>(None, with_token(&[])).unwrap_err();
+    assert_eq!(err.key, "plivo.auth_id");
+    assert!(err.message.contains("SMSFLOW_PLIVO__AUTH_ID"), "{err}");
+    assert!(!err.to_string().contains('\n'), "one line: {err}");
+    let blank = load_with_env::<WorkerSettings>(None, with_token(&[("SMSFLOW_PLIVO__AUTH_ID", "  ")])).unwrap_err();
+    assert_eq!(blank.key, "plivo.auth_id");
+    // The ingress does not call Plivo's API and does not need it.
+    assert!(load_with_env::<IngressSettings>(None, with_token(&[])).is_ok());
+    assert!(load_with_env::<WorkerSettings>(None, with_token(&[("SMSFLOW_PLIVO__AUTH_ID", "MA0123")])).is_ok());
+}
+
+#[test]
 fn numeric_looking_values_still_work_for_string_and_secret_fields() {
     let vars = env(&[
         ("SMSFLOW_PLIVO__AUTH_TOKEN", "0012345"),
@@ -132,6 +145,7 @@ fn secrets_never_appear_in_debug_or_rendered_output() {
         ("SMSFLOW_PLIVO__ADDITIONAL_AUTH_TOKENS", "rotated-secret-token"),
         ("SMSFLOW_DATABASE__URL", "postgres://app:db-password@db/smsflow"),
         ("SMSFLOW_AMQP__URL", "amqp://app:broker-password@mq:5672/%2f"),
+        ("SMSFLOW_PLIVO__AUTH_ID", "MA0123"),
     ]);
     let s: WorkerSettings = load_with_env(None, vars).unwrap();
     let debug = format!("{s:?}");

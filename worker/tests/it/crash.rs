@@ -19,6 +19,7 @@ fn spawn_worker(broker: &TestBroker, database_url: &str) -> tokio::process::Chil
 
 fn spawn_worker_with(broker: &TestBroker, database_url: &str, extra: &[(&str, &str)]) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_smsflow-worker"))
+        .env("SMSFLOW_PLIVO__AUTH_ID", TEST_AUTH_ID)
         .envs(extra.iter().copied())
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", TEST_AUTH_TOKEN)
         .env("SMSFLOW_DATABASE__URL", database_url)

@@ -39,6 +39,7 @@ async fn the_migrate_subcommand_applies_migrations_and_is_idempotent(pool: PgPoo
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_smsflow-worker"))
             .arg("migrate")
             .env("SMSFLOW_PLIVO__AUTH_TOKEN", "test-token")
+            .env("SMSFLOW_PLIVO__AUTH_ID", "MATESTACCOUNT000000001")
             .env("SMSFLOW_DATABASE__URL", &url)
             .env("SMSFLOW_TELEMETRY__LOG_FILTER", "warn")
             .output()
