@@ -58,6 +58,9 @@ pub async fn run(settings: WorkerSettings, shutdown: CancellationToken) -> anyho
     }
 }
 
+/// How often a worker re-reads how many workers share each sender's rate.
+const RATE_SHARE_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Processes with an existing pool (tests pass a fresh database's pool).
 pub async fn run_with(
     settings: WorkerSettings,
@@ -90,9 +93,18 @@ pub async fn run_with(
         tokio::spawn(admin::serve(listener, flags, shutdown.clone()))
     });
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
+    let limiter =
+        Arc::new(SenderRateLimiter::new(settings.sending.sender_rate_per_second, settings.sending.sender_burst));
+    let rate_share = tokio::spawn(monitor::share_send_rate(
+        settings.amqp.clone(),
+        topology.clone(),
+        limiter.clone(),
+        RATE_SHARE_REFRESH,
+        shutdown.clone(),
+    ));
     let send = Arc::new(SendPipeline {
         plivo: PlivoClient::new(&settings.plivo, &settings.http, &settings.sending)?,
-        limiter: SenderRateLimiter::new(settings.sending.sender_rate_per_second, settings.sending.sender_burst),
+        limiter,
         settings: settings.clone(),
         topology: topology.clone(),
         pool: pool.clone(),
@@ -130,6 +142,7 @@ pub async fn run_with(
         let _ = task.await;
     }
     let _ = monitor.await;
+    let _ = rate_share.await;
     pool.close().await;
     result
 }

@@ -2,6 +2,7 @@
 //! `smsflow_queue_consumers`), polled from the broker: the consumer lag a dashboard shows and
 //! an autoscaler (KEDA) reads.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -9,6 +10,8 @@ use lapin::types::FieldTable;
 use shared::amqp::{Stream, Topology};
 use shared::config::AmqpSettings;
 use tokio_util::sync::CancellationToken;
+
+use crate::send::ratelimit::SenderRateLimiter;
 
 pub async fn poll_queue_depths(
     settings: AmqpSettings,
@@ -22,16 +25,11 @@ pub async fn poll_queue_depths(
             connection = shared::amqp::connect(&settings, "smsflow-worker monitor").await.ok();
         }
         if let Some(connection) = &connection {
-            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
             for stream in Stream::ALL {
                 for queue in [topology.queue(stream), topology.dead_letter_queue(stream)] {
-                    // A passive declare of a missing queue closes its channel: one channel each.
-                    let Ok(channel) = connection.create_channel().await else { continue };
-                    if let Ok(q) = channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
-                        metrics::gauge!("smsflow_queue_messages", "queue" => queue.clone())
-                            .set(q.message_count() as f64);
-                        metrics::gauge!("smsflow_queue_consumers", "queue" => queue).set(q.consumer_count() as f64);
-                        let _ = channel.close(200, "polled".into()).await;
+                    if let Some((messages, consumers)) = queue_counts(connection, &queue).await {
+                        metrics::gauge!("smsflow_queue_messages", "queue" => queue.clone()).set(f64::from(messages));
+                        metrics::gauge!("smsflow_queue_consumers", "queue" => queue).set(f64::from(consumers));
                     }
                 }
             }
@@ -44,4 +42,44 @@ pub async fn poll_queue_depths(
     if let Some(connection) = connection {
         let _ = connection.close(200, "shutting down".into()).await;
     }
+}
+
+/// Keeps `limiter`'s share of every sender's rate: the configured rate divided by the consumers
+/// on the send queue (each worker has one), so N workers together hold the configured rate.
+pub async fn share_send_rate(
+    settings: AmqpSettings,
+    topology: Topology,
+    limiter: Arc<SenderRateLimiter>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let queue = topology.queue(Stream::Send);
+    let mut connection = None;
+    loop {
+        if connection.as_ref().is_none_or(|c: &lapin::Connection| !c.status().connected()) {
+            connection = shared::amqp::connect(&settings, "smsflow-worker rate share").await.ok();
+        }
+        if let Some(connection) = &connection
+            && let Some((_, consumers)) = queue_counts(connection, &queue).await
+        {
+            limiter.share_between(consumers);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Some(connection) = connection {
+        let _ = connection.close(200, "shutting down".into()).await;
+    }
+}
+
+/// Ready messages and consumers of `queue`, from a passive declare.
+async fn queue_counts(connection: &lapin::Connection, queue: &str) -> Option<(u32, u32)> {
+    // A passive declare of a missing queue closes its channel: one channel each.
+    let channel = connection.create_channel().await.ok()?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.ok()?;
+    let _ = channel.close(200, "polled".into()).await;
+    Some((declared.message_count(), declared.consumer_count()))
 }

@@ -42,7 +42,7 @@ pub struct SendPipeline {
     pub pool: PgPool,
     pub rerouter: Rerouter,
     pub plivo: PlivoClient,
-    pub limiter: SenderRateLimiter,
+    pub limiter: Arc<SenderRateLimiter>,
     pub consuming: Arc<AtomicBool>,
 }
 

@@ -1,4 +1,8 @@
 //! Outbound rate per sender: a token bucket each, waited on before every Plivo call.
+//!
+//! The configured rate is the sender's rate across every worker: each worker takes its share,
+//! the rate divided by the number of consumers on the send queue (one per worker), which the
+//! broker reports and `monitor::share_send_rate` keeps up to date.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,22 +13,43 @@ use shared::ratelimit::TokenBucket;
 pub struct SenderRateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Arc<TokenBucket>>>,
+    state: Mutex<Shared>,
+}
+
+struct Shared {
+    /// How many workers share the configured rate.
+    workers: u32,
+    buckets: HashMap<String, Arc<TokenBucket>>,
 }
 
 impl SenderRateLimiter {
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
-        Self { rate: rate_per_second, burst: burst.into(), buckets: Mutex::new(HashMap::new()) }
+        Self {
+            rate: rate_per_second,
+            burst: burst.into(),
+            state: Mutex::new(Shared { workers: 1, buckets: HashMap::new() }),
+        }
+    }
+
+    /// Splits the configured rate (and burst) between `workers` workers from now on.
+    pub fn share_between(&self, workers: u32) {
+        let workers = workers.max(1);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.workers != workers {
+            tracing::info!(workers, "sender rates shared between {workers} worker(s)");
+            state.workers = workers;
+            // New buckets at the new rate; a job waiting on an old one finishes its wait.
+            state.buckets.clear();
+        }
     }
 
     /// Waits until `sender` may send one more message; returns how long it waited.
     pub async fn acquire(&self, sender: &str) -> Duration {
         let bucket = {
-            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            buckets
-                .entry(sender.to_owned())
-                .or_insert_with(|| Arc::new(TokenBucket::new(self.rate, self.burst)))
-                .clone()
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let share = f64::from(state.workers);
+            let (rate, burst) = (self.rate / share, (self.burst / share).max(1.0));
+            state.buckets.entry(sender.to_owned()).or_insert_with(|| Arc::new(TokenBucket::new(rate, burst))).clone()
         };
         let started = tokio::time::Instant::now();
         while let Err(wait) = bucket.try_take() {

@@ -381,3 +381,34 @@ async fn an_opt_out_after_the_send_does_not_rewrite_a_redelivered_job(pool: PgPo
     assert_eq!(requests(&plivo).await, 1);
     worker.stop().await.unwrap();
 }
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn three_workers_together_hold_the_senders_configured_rate(pool: PgPool) {
+    let plivo = start_plivo().await;
+    let limit = |s: &mut shared::config::WorkerSettings| {
+        use_plivo(s, &plivo);
+        s.sending.sender_rate_per_second = 10.0;
+        s.sending.sender_burst = 1;
+    };
+    let first = start_worker(&pool, limit).await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let broker = shared::testing::TestBroker::attach(&first.broker.topology).await;
+        others.push(crate::helpers::start_worker_on(broker, pool.clone(), limit).await);
+    }
+    for i in 0..600 {
+        publish_job(&first.publisher, &send_job(&format!("shared backlog {i}"))).await;
+    }
+    // Each worker learns within a few seconds that three consumers share the rate.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let started = requests(&plivo).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let sent = requests(&plivo).await - started;
+
+    eprintln!("sender rate with three workers: {sent} Plivo requests in 30 s at a configured 10/s");
+    assert!((270..=330).contains(&sent), "{sent} requests in 30 s at 10/s across three workers");
+    for worker in others {
+        worker.stop().await.unwrap();
+    }
+    first.stop().await.unwrap();
+}
