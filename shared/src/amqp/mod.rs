@@ -16,7 +16,7 @@ pub use publisher::{PublishError, Publisher};
 pub use topology::{Stream, Topology};
 
 /// Opens one connection, bounded by `amqp.connect_timeout_ms`. lapin's own auto-recovery is
-/// left off: it has known hangs (CRATES.md §4), so callers rebuild connections themselves.
+/// left off: it can stall while recovering, so callers rebuild connections themselves.
 pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connecting = Connection::connect(settings.url.expose_secret(), properties);

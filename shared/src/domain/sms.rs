@@ -1,5 +1,5 @@
 //! SMS text: its encoding (GSM-7 or UCS-2), segment count, and Plivo's length limits
-//! (PROTOCOL.md §4.3).
+//! (docs/plivo.md §4).
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! Plivo SMS error codes (PROTOCOL.md §5) and whether sending again could help.
+//! Plivo SMS error codes (docs/plivo.md §5) and whether sending again could help.
 
 use serde::Serialize;
 

@@ -1,4 +1,4 @@
-//! Plivo webhook signatures (PROTOCOL.md §1): V3 exactly as Plivo's reference SDKs compute it,
+//! Plivo webhook signatures (docs/plivo.md §1): V3 exactly as Plivo's reference SDKs compute it,
 //! and the deprecated V2 behind a setting. Pure functions, no I/O.
 //!
 //! The URL is split textually, never normalised by a URL library: host case, an explicit
@@ -63,7 +63,7 @@ fn sorted<'a>(mut pairs: Vec<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
     pairs
 }
 
-/// The exact text V3 feeds to HMAC-SHA256: `S + "." + nonce` (PROTOCOL.md §1.2).
+/// The exact text V3 feeds to HMAC-SHA256: `S + "." + nonce` (docs/plivo.md §1).
 pub fn v3_signed_string(req: &SignedRequest<'_>) -> Result<String, UrlError> {
     let url = split_url(req.url)?;
     let query_pairs = parse_pairs(url.query)?;

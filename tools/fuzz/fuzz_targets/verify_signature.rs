@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let changed_nonce = format!("{nonce}0");
     let tampered = SignatureHeaders { v3: Some(&signature), v3_nonce: Some(&changed_nonce), ..Default::default() };
     assert!(verifier.verify(&tampered, "POST", &url, &params).is_err(), "another nonce is refused");
-    // Changed before any `#`: the fragment is not signed (PROTOCOL.md §1.2).
+    // Changed before any `#`: the fragment is not signed (docs/plivo.md §1).
     let other_url = format!("https://hooks.example.com/x{path}");
     assert!(verifier.verify(&headers, "POST", &other_url, &params).is_err(), "another URL is refused");
     let mut more = params.clone();

@@ -75,7 +75,7 @@ impl SimConfig {
     }
 }
 
-/// Plivo's retry schedule for callbacks: after 60, 120 and 240 s (PROTOCOL.md §2.4).
+/// Plivo's retry schedule for callbacks: after 60, 120 and 240 s (docs/plivo.md §2).
 const RETRY_SCHEDULE_MS: [u64; 3] = [60_000, 120_000, 240_000];
 
 /// One attempt to deliver a callback.

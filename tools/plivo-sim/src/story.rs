@@ -1,5 +1,5 @@
 //! Delivery stories: which callbacks a message produces, in which order, with which fields
-//! (PROTOCOL.md §2).
+//! (docs/plivo.md §2).
 
 use time::OffsetDateTime;
 use time::macros::format_description;
@@ -115,7 +115,7 @@ pub struct Callback {
 }
 
 impl Callback {
-    /// Plivo's status-callback fields (PROTOCOL.md §2.1), in the order Plivo sends them.
+    /// Plivo's status-callback fields (docs/plivo.md §2), in the order Plivo sends them.
     pub fn params(&self, message: &SimMessage) -> Vec<(String, String)> {
         let now = OffsetDateTime::now_utc();
         let stamp = now

@@ -1,4 +1,4 @@
-//! Plivo's Send Message API (PROTOCOL.md §4). Plivo has no idempotency key, so every outcome
+//! Plivo's Send Message API (docs/plivo.md §4). Plivo has no idempotency key, so every outcome
 //! is classified by whether a message may have been created.
 
 use std::time::Duration;

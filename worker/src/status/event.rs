@@ -111,7 +111,7 @@ fn non_empty(value: Option<&str>) -> Option<&str> {
     value.map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// `2024-05-14 09:12:44.319284`, taken as UTC (Plivo does not say; PROTOCOL.md §2.1).
+/// `2024-05-14 09:12:44.319284`, taken as UTC (Plivo does not say; docs/plivo.md §2).
 pub fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
     let with_fraction = format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond]");
     let without = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
