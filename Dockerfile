@@ -10,7 +10,7 @@ COPY . .
 # Cache mounts keep the registry and compiled dependencies between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+    cargo build --release --locked -p smsflow-ingress -p smsflow-worker -p smsflow-plivo-sim --bins \
  && mkdir -p /out \
  && cp target/release/smsflow-ingress target/release/smsflow-worker target/release/smsflow-plivo-sim /out/
 
