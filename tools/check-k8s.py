@@ -1,15 +1,44 @@
 """Reads the rendered Kubernetes overlays as a cluster would run them and fails on the defects
-that schema validation cannot see. Run by tools/check-deploy; `--self-test` proves that each
+that schema validation cannot see, and validates every operator resource (KEDA, RabbitMQ,
+CloudNativePG, Prometheus operator) against the operator's own CRD schema
+(deploy/kubernetes/crd-schemas). Run by tools/check-deploy; `--self-test` proves that each
 check fails on the defect it is for.
 
     python3 tools/check-k8s.py SECRET_EXAMPLE RENDERED.yaml...
 """
 
+import json
+import os
 import re
 import sys
 import urllib.parse
 
+import jsonschema
 import yaml
+
+CRD_SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "deploy", "kubernetes", "crd-schemas")
+
+
+def crd_schemas():
+    index = json.load(open(os.path.join(CRD_SCHEMAS, "index.json")))
+    return {(e["apiVersion"], e["kind"]): json.load(open(os.path.join(CRD_SCHEMAS, e["schema"]))) for e in index}
+
+
+def check_operator_resources(docs, schemas):
+    """Every resource of an operator's API must validate against that operator's schema."""
+    problems = []
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        group = doc["apiVersion"].rpartition("/")[0]
+        if key not in schemas:
+            # Kubernetes' own APIs are validated by kubernetes-validate; any other is an operator's.
+            if "." in group and not group.endswith(".k8s.io"):
+                problems.append(f"{doc['kind']}/{doc['metadata']['name']}: no vendored schema for {key[0]} {key[1]}")
+            continue
+        for error in jsonschema.Draft7Validator(schemas[key]).iter_errors(doc):
+            where = "/".join(str(p) for p in error.absolute_path)
+            problems.append(f"{doc['kind']}/{doc['metadata']['name']}: {where or '(root)'}: {error.message[:200]}")
+    return problems
 
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 
@@ -167,9 +196,11 @@ spec: {secretTargetRef: [{parameter: host, name: s, key: amqp}]}
 
 def self_test():
     example = {"stringData": {"amqp": "amqp://u:p@rabbit:5672/%2f"}}
-    problems = "\n".join(check(list(yaml.safe_load_all(SELF_TEST)), example))
+    docs = list(yaml.safe_load_all(SELF_TEST))
+    docs[1]["spec"]["pollingInterval"] = "often"  # a ScaledObject field of the wrong type
+    problems = "\n".join(check(docs, example) + check_operator_resources(docs, crd_schemas()))
     expected = ["cannot be read", "does not have", "needs plivo.auth_id", "no tag or digest", "selects no pod",
-                "pinned while an autoscaler", "blocks every node drain", "does not resolve"]
+                "pinned while an autoscaler", "blocks every node drain", "does not resolve", "pollingInterval"]
     missing = [e for e in expected if e not in problems]
     if missing:
         print(f"check-k8s self-test: these defects went unnoticed: {missing}\n{problems}")
@@ -181,16 +212,19 @@ def main(argv):
     if argv[1:] == ["--self-test"]:
         return self_test()
     example = yaml.safe_load(open(argv[1]))
+    schemas = crd_schemas()
     failed = False
     for path in argv[2:]:
         docs = [d for d in yaml.safe_load_all(open(path)) if d]
-        problems = check(docs, example)
+        problems = check(docs, example) + check_operator_resources(docs, schemas)
         for problem in problems:
             print(f"{path}: {problem}")
         failed |= bool(problems)
         if not problems:
+            operator = sum((d["apiVersion"], d["kind"]) in schemas for d in docs)
             print(f"{path}: {len(docs)} resources: secrets readable, settings present, policies select pods, "
-                  f"images pinned, autoscalers own replicas, budgets allow drains, KEDA hosts qualified")
+                  f"images pinned, autoscalers own replicas, budgets allow drains, KEDA hosts qualified; "
+                  f"{operator} operator resources valid against their CRD schemas")
     sys.exit(1 if failed else 0)
 
 

@@ -179,6 +179,7 @@ async fn not_found() -> IngressError {
 /// period, and closes the broker connection.
 pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     shared::telemetry::metrics();
+    routes::plivo::register_metrics();
     shared::telemetry::spawn_metrics_upkeep();
     let broker_shutdown = CancellationToken::new();
     let publisher = Publisher::start(

@@ -244,24 +244,35 @@ impl Rerouter {
     }
 }
 
+/// Every dead-letter series at zero from the start: an alert on `increase()` sees the first
+/// dead letter, which a series born at 1 would hide.
+pub fn register_metrics() {
+    for stream in Stream::ALL {
+        for kind in DEAD_LETTER_KINDS.iter().map(|(_, kind)| *kind).chain(["other"]) {
+            metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => kind).increment(0);
+        }
+    }
+}
+
 /// A bounded label for a free-text reason (metrics must not grow a series per message).
 fn reason_kind(reason: &str) -> &'static str {
-    const KINDS: [(&str, &str); 12] = [
-        ("idempotency conflict", "idempotency_conflict"),
-        ("not a JSON", "not_json"),
-        ("unsupported", "schema"),
-        ("callback has no", "missing_field"),
-        ("inbound message has no", "missing_field"),
-        ("unknown status", "unknown_status"),
-        ("invalid send job", "invalid_job"),
-        ("not a valid send job", "invalid_job"),
-        ("refused by the database", "database_refused"),
-        ("database", "database_unavailable"),
-        ("gave up after", "retries_exhausted"),
-        ("Plivo", "plivo"),
-    ];
-    KINDS.iter().find(|(prefix, _)| reason.starts_with(prefix)).map_or("other", |(_, kind)| kind)
+    DEAD_LETTER_KINDS.iter().find(|(prefix, _)| reason.starts_with(prefix)).map_or("other", |(_, kind)| kind)
 }
+
+const DEAD_LETTER_KINDS: [(&str, &str); 12] = [
+    ("idempotency conflict", "idempotency_conflict"),
+    ("not a JSON", "not_json"),
+    ("unsupported", "schema"),
+    ("callback has no", "missing_field"),
+    ("inbound message has no", "missing_field"),
+    ("unknown status", "unknown_status"),
+    ("invalid send job", "invalid_job"),
+    ("not a valid send job", "invalid_job"),
+    ("refused by the database", "database_refused"),
+    ("database", "database_unavailable"),
+    ("gave up after", "retries_exhausted"),
+    ("Plivo", "plivo"),
+];
 
 fn header_text(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text))

@@ -70,6 +70,8 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     shared::telemetry::metrics();
     shared::telemetry::spawn_metrics_upkeep();
+    broker::register_metrics();
+    send::register_metrics();
     let topology = Topology::from_settings(&settings.amqp);
     let monitor = tokio::spawn(monitor::poll_queue_depths(
         settings.amqp.clone(),

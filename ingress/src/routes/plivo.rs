@@ -28,16 +28,30 @@ pub async fn inbound_message(State(state): State<AppState>, request: Request) ->
     counted(Stream::Inbound, accept(&state, Stream::Inbound, request).await)
 }
 
+/// The values of `smsflow_callbacks_total`'s `result` label.
+const CALLBACK_RESULTS: [&str; 6] =
+    ["ok", "invalid_signature", "missing_signature", "rate_limited", "unavailable", "rejected"];
+
+/// Every `smsflow_callbacks_total` series at zero from the start: an alert on `increase()` sees
+/// the first 503, which a series born at 1 would hide.
+pub fn register_metrics() {
+    for stream in [Stream::Status, Stream::Inbound] {
+        for result in CALLBACK_RESULTS {
+            metrics::counter!("smsflow_callbacks_total", "stream" => stream.name(), "result" => result).increment(0);
+        }
+    }
+}
+
 /// `smsflow_callbacks_total{stream, result}`: ok, invalid_signature, missing_signature,
 /// rate_limited, unavailable (503) or rejected (any other refusal).
 fn counted(stream: Stream, result: Result<StatusCode, IngressError>) -> Result<StatusCode, IngressError> {
     let label = match &result {
-        Ok(_) => "ok",
-        Err(IngressError::InvalidSignature(_)) => "invalid_signature",
-        Err(IngressError::MissingSignature(_)) => "missing_signature",
-        Err(IngressError::RateLimited(..)) => "rate_limited",
-        Err(IngressError::Unavailable { .. }) => "unavailable",
-        Err(_) => "rejected",
+        Ok(_) => CALLBACK_RESULTS[0],
+        Err(IngressError::InvalidSignature(_)) => CALLBACK_RESULTS[1],
+        Err(IngressError::MissingSignature(_)) => CALLBACK_RESULTS[2],
+        Err(IngressError::RateLimited(..)) => CALLBACK_RESULTS[3],
+        Err(IngressError::Unavailable { .. }) => CALLBACK_RESULTS[4],
+        Err(_) => CALLBACK_RESULTS[5],
     };
     metrics::counter!("smsflow_callbacks_total", "stream" => stream.name(), "result" => label).increment(1);
     result

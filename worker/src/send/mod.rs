@@ -33,6 +33,16 @@ use self::ratelimit::SenderRateLimiter;
 use crate::broker::{self, Rerouted, Rerouter, Session, SessionEnd};
 use crate::storage::sending::{self as store, Recorded};
 
+/// Every `smsflow_send_outcomes_total` series at zero from the start, so that an alert on the
+/// first `unknown` fires.
+pub fn register_metrics() {
+    for outcome in
+        ["submitted", "unknown", "failed", "opted_out", "duplicate", "retry_scheduled", "idempotency_conflict"]
+    {
+        metrics::counter!("smsflow_send_outcomes_total", "outcome" => outcome).increment(0);
+    }
+}
+
 /// In-process retries of recording a submission (~10 s in all): the message is already sent.
 const MARK_SUBMITTED_RETRIES: usize = 8;
 

@@ -127,6 +127,13 @@ async fn the_admin_server_answers_health_readiness_and_metrics(pool: PgPool) {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert!(metrics.contains(&expected), "{metrics}");
+    // Counters that alerts watch with increase() exist at zero before their first event.
+    for series in [
+        "smsflow_send_outcomes_total{outcome=\"unknown\"} 0",
+        "smsflow_dead_letters_total{stream=\"send\",reason=\"idempotency_conflict\"} 0",
+    ] {
+        assert!(metrics.contains(series), "{series} is registered at zero:\n{metrics}");
+    }
     shutdown.cancel();
     worker.await.unwrap().unwrap();
 }
