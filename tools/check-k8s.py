@@ -19,9 +19,25 @@ import yaml
 CRD_SCHEMAS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "deploy", "kubernetes", "crd-schemas")
 
 
+def strict(schema):
+    """As the API server prunes and `kubectl apply --validate=strict` refuses: a field that an
+    object schema does not list is an error (unless the schema keeps unknown fields)."""
+    if isinstance(schema, dict):
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+        for value in schema.values():
+            strict(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            strict(value)
+    return schema
+
+
 def crd_schemas():
     index = json.load(open(os.path.join(CRD_SCHEMAS, "index.json")))
-    return {(e["apiVersion"], e["kind"]): json.load(open(os.path.join(CRD_SCHEMAS, e["schema"]))) for e in index}
+    return {(e["apiVersion"], e["kind"]): strict(json.load(open(os.path.join(CRD_SCHEMAS, e["schema"]))))
+            for e in index}
 
 
 def check_operator_resources(docs, schemas):
@@ -198,9 +214,11 @@ def self_test():
     example = {"stringData": {"amqp": "amqp://u:p@rabbit:5672/%2f"}}
     docs = list(yaml.safe_load_all(SELF_TEST))
     docs[1]["spec"]["pollingInterval"] = "often"  # a ScaledObject field of the wrong type
+    docs[1]["spec"]["cooldownPeriodd"] = 60  # and one the operator does not know
     problems = "\n".join(check(docs, example) + check_operator_resources(docs, crd_schemas()))
     expected = ["cannot be read", "does not have", "needs plivo.auth_id", "no tag or digest", "selects no pod",
-                "pinned while an autoscaler", "blocks every node drain", "does not resolve", "pollingInterval"]
+                "pinned while an autoscaler", "blocks every node drain", "does not resolve", "pollingInterval",
+                "cooldownPeriodd"]
     missing = [e for e in expected if e not in problems]
     if missing:
         print(f"check-k8s self-test: these defects went unnoticed: {missing}\n{problems}")

@@ -97,6 +97,9 @@ pub async fn run_with(
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
     let limiter =
         Arc::new(SenderRateLimiter::new(settings.sending.sender_rate_per_second, settings.sending.sender_burst));
+    if let Some(workers) = monitor::initial_send_share(&settings.amqp, &topology).await {
+        limiter.share_between(workers);
+    }
     let rate_share = tokio::spawn(monitor::share_send_rate(
         settings.amqp.clone(),
         topology.clone(),

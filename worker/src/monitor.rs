@@ -56,6 +56,11 @@ pub async fn share_send_rate(
     let queue = topology.queue(Stream::Send);
     let mut connection = None;
     loop {
+        // First wait: `initial_send_share` counted this worker before its consumer existed.
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
         if connection.as_ref().is_none_or(|c: &lapin::Connection| !c.status().connected()) {
             connection = shared::amqp::connect(&settings, "smsflow-worker rate share").await.ok();
         }
@@ -64,14 +69,23 @@ pub async fn share_send_rate(
         {
             limiter.share_between(consumers);
         }
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(every) => {}
-        }
     }
     if let Some(connection) = connection {
         let _ = connection.close(200, "shutting down".into()).await;
     }
+}
+
+/// How many workers will share the send rate once this one consumes: the send queue's consumers
+/// now, plus this worker (not yet among them). Read once before consuming starts, so that a
+/// worker added by the autoscaler does not send at the whole rate until the first poll.
+pub async fn initial_send_share(settings: &AmqpSettings, topology: &Topology) -> Option<u32> {
+    let read = async {
+        let connection = shared::amqp::connect(settings, "smsflow-worker rate share").await.ok()?;
+        let counts = queue_counts(&connection, &topology.queue(Stream::Send)).await;
+        let _ = connection.close(200, "read".into()).await;
+        counts.map(|(_, consumers)| consumers + 1)
+    };
+    tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms.saturating_mul(2)), read).await.ok()?
 }
 
 /// Ready messages and consumers of `queue`, from a passive declare.

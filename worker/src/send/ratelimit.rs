@@ -31,24 +31,31 @@ impl SenderRateLimiter {
         }
     }
 
-    /// Splits the configured rate (and burst) between `workers` workers from now on.
+    /// Splits the configured rate (and burst) between `workers` workers from now on. The
+    /// buckets keep what they hold (capped): a change of share is not a fresh burst.
     pub fn share_between(&self, workers: u32) {
         let workers = workers.max(1);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.workers != workers {
             tracing::info!(workers, "sender rates shared between {workers} worker(s)");
             state.workers = workers;
-            // New buckets at the new rate; a job waiting on an old one finishes its wait.
-            state.buckets.clear();
+            let (rate, burst) = self.share(workers);
+            for bucket in state.buckets.values() {
+                bucket.set_rate(rate, burst);
+            }
         }
+    }
+
+    fn share(&self, workers: u32) -> (f64, f64) {
+        let share = f64::from(workers);
+        (self.rate / share, (self.burst / share).max(1.0))
     }
 
     /// Waits until `sender` may send one more message; returns how long it waited.
     pub async fn acquire(&self, sender: &str) -> Duration {
         let bucket = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let share = f64::from(state.workers);
-            let (rate, burst) = (self.rate / share, (self.burst / share).max(1.0));
+            let (rate, burst) = self.share(state.workers);
             state.buckets.entry(sender.to_owned()).or_insert_with(|| Arc::new(TokenBucket::new(rate, burst))).clone()
         };
         let started = tokio::time::Instant::now();
