@@ -44,7 +44,8 @@ pub enum IngressError {
     DatabaseUnavailable(String),
     #[error("internal error")]
     Internal(String),
-    #[error("message broker unavailable: {reason}")]
+    /// The broker's own error stays in the log: it can name hosts and users.
+    #[error("message broker unavailable; retry later")]
     Unavailable { reason: String, retry_after_secs: u32 },
 }
 
@@ -101,7 +102,9 @@ impl IngressError {
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let Self::DatabaseUnavailable(detail) | Self::Internal(detail) = &self {
+        if let Self::DatabaseUnavailable(detail) | Self::Internal(detail) | Self::Unavailable { reason: detail, .. } =
+            &self
+        {
             // The detail stays in the log; the client gets the generic text.
             tracing::warn!(error = %self, detail, "request failed");
         } else if status.is_server_error() {

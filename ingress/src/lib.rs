@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath};
-use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::routing::{get, post};
 use shared::amqp::{Publisher, Topology};
 use shared::config::IngressSettings;
@@ -122,6 +122,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     }
     router.layer(axum::middleware::from_fn(record_http_metrics)).layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::map_request(drop_unsafe_request_id))
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             // The span names the path only: a GET callback's query carries phone numbers.
             .layer(
@@ -151,6 +152,22 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     )
 }
 
+/// A client's `X-Request-Id` is kept only when short and plain (it goes into logs and queued
+/// events); any other is dropped, and a fresh one is made in its place.
+async fn drop_unsafe_request_id(mut request: Request<axum::body::Body>) -> Request<axum::body::Body> {
+    let safe = request.headers().get("x-request-id").is_none_or(|value| {
+        let bytes = value.as_bytes();
+        (1..=MAX_REQUEST_ID).contains(&bytes.len())
+            && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    });
+    if !safe {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
+}
+
+const MAX_REQUEST_ID: usize = 64;
+
 /// `smsflow_http_requests_total` and `smsflow_http_request_duration_seconds` by route and
 /// status: for a webhook, the duration is the time Plivo waits for its answer.
 async fn record_http_metrics(
@@ -159,11 +176,21 @@ async fn record_http_metrics(
 ) -> axum::response::Response {
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+    // Any method a client invents would otherwise become a series of its own, forever.
+    let method: &'static str = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
-    metrics::histogram!("smsflow_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
+    metrics::histogram!("smsflow_http_request_duration_seconds", "route" => route.clone(), "method" => method)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("smsflow_http_requests_total", "route" => route, "method" => method, "status" => status)
         .increment(1);

@@ -218,7 +218,7 @@ fn the_send_job_schema_matches_the_contract() {
         to: "+14155552671".into(),
         text: "t".into(),
         from: Some("+14155550100".into()),
-        powerpack_uuid: Some("p".into()),
+        powerpack_uuid: Some("7f8a3d4e-0000-4000-8000-000000000001".into()),
         message_expiry: Some(60),
         metadata: Some(Default::default()),
         callback: Some("https://example.com/cb".into()),

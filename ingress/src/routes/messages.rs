@@ -323,13 +323,18 @@ pub async fn get_opt_outs(
     Ok(Json(serde_json::to_value(OptOutList { recipient, opt_outs: rows }).unwrap_or_default()))
 }
 
+/// The most an opt-out body (`{"sender": …}`) needs.
+const OPT_OUT_BODY_LIMIT: usize = 1024;
+
 pub async fn put_opt_out(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(number): Path<String>,
-    body: axum::body::Bytes,
+    request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Value>), IngressError> {
-    authenticate(&state, &headers)?;
+    let (parts, body) = request.into_parts();
+    // Nothing of the body is read before the caller is known.
+    authenticate(&state, &parts.headers)?;
+    let body = super::read_body(&parts.headers, body, OPT_OUT_BODY_LIMIT).await?;
     let recipient = parse_number(&number)?;
     let body: OptOutBody = if body.is_empty() {
         OptOutBody::default()

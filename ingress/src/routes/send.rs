@@ -43,15 +43,19 @@ pub struct ApiToken {
     pub full_read: bool,
     /// Scopes idempotency keys to their token.
     pub fingerprint: String,
+    /// SHA-256 of the token: presented tokens are compared by digest, so neither the
+    /// comparison's time nor an early length check says anything about the token.
+    digest: [u8; 32],
     pub budget: shared::ratelimit::TokenBucket,
 }
 
 impl ApiToken {
     pub fn new(secret: secrecy::SecretString, full_read: bool, rate_per_second: u32, burst: u32) -> Self {
         use secrecy::ExposeSecret as _;
-        let fingerprint =
-            Sha256::digest(secret.expose_secret().as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let digest: [u8; 32] = Sha256::digest(secret.expose_secret().as_bytes()).into();
+        let fingerprint = digest.iter().map(|b| format!("{b:02x}")).collect();
         Self {
+            digest,
             secret,
             full_read,
             fingerprint,
@@ -163,7 +167,6 @@ pub fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a 
 }
 
 fn identify<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
-    use secrecy::ExposeSecret as _;
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -171,10 +174,12 @@ fn identify<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| IngressError::Unauthorized("missing bearer token (Authorization: Bearer <token>)".into()))?;
-    // Compare against every token, in constant time, so timing reveals nothing.
+    // Compare digests with every token, in constant time: timing reveals neither which token
+    // nor how long one is.
+    let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
     let mut matched = None;
     for token in state.api_tokens.iter() {
-        if bool::from(token.secret.expose_secret().as_bytes().ct_eq(presented.as_bytes())) {
+        if bool::from(token.digest.ct_eq(&presented)) {
             matched = Some(token);
         }
     }

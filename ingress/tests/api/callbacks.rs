@@ -131,3 +131,16 @@ async fn metrics_count_callbacks_by_result() {
     assert!(text.contains("smsflow_publish_confirm_seconds_bucket"), "{text}");
     assert!(text.contains("smsflow_http_request_duration_seconds_bucket"), "{text}");
 }
+
+#[tokio::test]
+async fn invented_methods_add_no_metric_series() {
+    let app = spawn_app().await;
+    app.wait_ready().await;
+    for i in 0..20 {
+        let method = reqwest::Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        app.client.request(method, app.url("/healthz")).send().await.unwrap();
+    }
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("INVENTED"), "no series per invented method:\n{text}");
+    assert!(text.contains(r#"method="other""#), "they share one label value:\n{text}");
+}

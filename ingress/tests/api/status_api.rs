@@ -290,3 +290,36 @@ async fn with_the_database_down_the_api_answers_503_and_callbacks_are_still_acce
     assert_eq!(get(&app, "/v1/messages", TOKEN).await.0, 503);
     assert_eq!(app.post_signed("/plivo/callback", &status_params("db-down", "sent")).await.status(), 200);
 }
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn an_opt_out_body_is_not_read_before_the_caller_is_known(pool: PgPool) {
+    let app = app_on(&pool).await;
+    let number = "/v1/opt-outs/%2B14155552671";
+    // 8 MiB from a stranger: refused for the missing token, not read into memory first.
+    let big = vec![b' '; 8 << 20];
+    let anonymous = app.client.put(app.url(number)).header("content-type", "application/json").body(big.clone());
+    assert_eq!(anonymous.send().await.unwrap().status(), 401);
+    // A known caller's body is capped at what an opt-out needs.
+    let known = app.client.put(app.url(number)).bearer_auth(TOKEN).header("content-type", "application/json");
+    let response = known.body(big).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+    let none: i64 = sqlx::query_scalar("SELECT count(*) FROM opt_outs").fetch_one(&pool).await.unwrap();
+    assert_eq!(none, 0);
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_clients_request_id_is_kept_only_when_short_and_plain(pool: PgPool) {
+    let app = app_on(&pool).await;
+    let answered_id = |id: &'static str| {
+        let request = app.client.get(app.url("/healthz")).header("x-request-id", id);
+        async move { request.send().await.unwrap().headers()["x-request-id"].to_str().unwrap().to_owned() }
+    };
+    assert_eq!(answered_id("trace-42.a_b").await, "trace-42.a_b");
+    const TOO_LONG: &str = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+    assert_eq!(TOO_LONG.len(), 65);
+    for unsafe_id in ["has space", "quote\"d", "+14155552671 STOP", TOO_LONG] {
+        let answered = answered_id(unsafe_id).await;
+        assert_ne!(answered, unsafe_id);
+        assert!(uuid::Uuid::parse_str(&answered).is_ok(), "replaced with a fresh id: {answered}");
+    }
+}

@@ -92,11 +92,11 @@ impl SendJob {
         }
         let sender = match (&self.from, &self.powerpack_uuid) {
             (Some(_), Some(_)) => return Err(field("from", "set either from or powerpack_uuid, not both")),
-            (None, Some(pp)) if pp.trim().is_empty() => return Err(field("powerpack_uuid", "must not be empty")),
-            (None, Some(pp)) if pp.contains('\0') => {
-                return Err(field("powerpack_uuid", "must not contain NUL characters (U+0000)"));
-            }
-            (None, Some(pp)) => Sender::Powerpack(pp.trim().to_owned()),
+            (None, Some(pp)) => match Uuid::try_parse(pp.trim()) {
+                // Hyphenated and lower-case, as Plivo writes them: one Powerpack, one identity.
+                Ok(uuid) => Sender::Powerpack(uuid.hyphenated().to_string()),
+                Err(_) => return Err(field("powerpack_uuid", "must be a UUID (as Plivo shows it)")),
+            },
             (Some(from), None) => Sender::parse(from).map_err(|e| field("from", e))?,
             (None, None) if default_sender.is_empty() => {
                 return Err(field("from", "is required: no default sender is configured (plivo.default_sender)"));
@@ -254,6 +254,8 @@ mod tests {
                 "",
                 "from",
             ),
+            (SendJob { powerpack_uuid: Some("not-a-uuid".into()), ..job("+14155552671", "hi") }, "", "powerpack_uuid"),
+            (SendJob { powerpack_uuid: Some("".into()), ..job("+14155552671", "hi") }, "", "powerpack_uuid"),
         ];
         for (job, default_sender, expected) in cases {
             assert_eq!(job.validate(default_sender).unwrap_err().field, expected, "{job:?}");

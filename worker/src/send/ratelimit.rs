@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shared::ratelimit::TokenBucket;
 
@@ -19,8 +19,13 @@ pub struct SenderRateLimiter {
 struct Shared {
     /// How many workers share the configured rate.
     workers: u32,
-    buckets: HashMap<String, Arc<TokenBucket>>,
+    /// Per sender, with when it was last used: senders come from jobs, so the map is bounded by
+    /// dropping idle buckets once it holds `MAX_BUCKETS` (an idle bucket is full anyway).
+    buckets: HashMap<String, (Arc<TokenBucket>, Instant)>,
 }
+
+const MAX_BUCKETS: usize = 10_000;
+const IDLE: Duration = Duration::from_secs(60);
 
 impl SenderRateLimiter {
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
@@ -40,7 +45,7 @@ impl SenderRateLimiter {
             tracing::info!(workers, "sender rates shared between {workers} worker(s)");
             state.workers = workers;
             let (rate, burst) = self.share(workers);
-            for bucket in state.buckets.values() {
+            for (bucket, _) in state.buckets.values() {
                 bucket.set_rate(rate, burst);
             }
         }
@@ -56,12 +61,47 @@ impl SenderRateLimiter {
         let bucket = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let (rate, burst) = self.share(state.workers);
-            state.buckets.entry(sender.to_owned()).or_insert_with(|| Arc::new(TokenBucket::new(rate, burst))).clone()
+            let now = Instant::now();
+            if state.buckets.len() >= MAX_BUCKETS && !state.buckets.contains_key(sender) {
+                state.buckets.retain(|_, (_, used)| now.duration_since(*used) < IDLE);
+            }
+            let entry = state
+                .buckets
+                .entry(sender.to_owned())
+                .or_insert_with(|| (Arc::new(TokenBucket::new(rate, burst)), now));
+            entry.1 = now;
+            entry.0.clone()
         };
         let started = tokio::time::Instant::now();
         while let Err(wait) = bucket.try_take() {
             tokio::time::sleep(wait).await;
         }
         started.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_map_of_senders_stays_bounded() {
+        let limiter = SenderRateLimiter::new(1000.0, 10);
+        for i in 0..MAX_BUCKETS + 500 {
+            limiter.acquire(&format!("sender-{i}")).await;
+        }
+        // Nothing is idle yet, so none could go: the cap is reached and passed only by the
+        // senders active within the last minute.
+        let held = limiter.state.lock().unwrap().buckets.len();
+        assert_eq!(held, MAX_BUCKETS + 500);
+        {
+            let mut state = limiter.state.lock().unwrap();
+            let long_ago = Instant::now() - IDLE * 2;
+            for (_, used) in state.buckets.values_mut() {
+                *used = long_ago;
+            }
+        }
+        limiter.acquire("a-new-sender").await;
+        assert_eq!(limiter.state.lock().unwrap().buckets.len(), 1, "idle buckets were dropped");
     }
 }
