@@ -34,6 +34,8 @@ pub enum IngressError {
          options); use a new key for a new message"
     )]
     IdempotencyKeyReused,
+    #[error("{0}")]
+    MethodNotAllowed(&'static str),
     #[error("no such route")]
     NotFound,
     #[error("no message with this id or MessageUUID")]
@@ -60,6 +62,7 @@ impl IngressError {
             Self::InvalidField { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +83,7 @@ impl IngressError {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited(..) => "rate_limited",
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::DatabaseUnavailable(_) => "database_unavailable",
             Self::Internal(_) => "internal",
             Self::Unavailable { .. } => "unavailable",

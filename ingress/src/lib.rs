@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod replay;
 pub mod routes;
 pub mod storage;
 
@@ -44,7 +45,13 @@ pub struct AppState {
     /// Read-only, for the status API; connects lazily so start-up never waits on it.
     pub db: sqlx::PgPool,
     pub default_sender: Arc<str>,
+    pub replays: Arc<replay::ReplayCache>,
 }
+
+/// How long, and how many, queued callbacks an instance remembers to answer their replays
+/// without publishing again (~100 bytes each: ~10 MB at most).
+const REPLAY_TTL: Duration = Duration::from_secs(15 * 60);
+const REPLAY_CAPACITY: usize = 100_000;
 
 impl AppState {
     pub fn new(settings: &IngressSettings, publisher: Publisher) -> anyhow::Result<Self> {
@@ -52,6 +59,7 @@ impl AppState {
         let tokens = api.tokens.iter().map(|t| (t, false)).chain(api.full_read_tokens.iter().map(|t| (t, true)));
         Ok(Self {
             verifier: Arc::new(Verifier::from_settings(&settings.plivo)),
+            replays: Arc::new(replay::ReplayCache::new(REPLAY_TTL, REPLAY_CAPACITY)),
             publisher,
             public_base_url: settings.http.public_base_url.as_str().into(),
             exchange: settings.amqp.prefix.as_str().into(),

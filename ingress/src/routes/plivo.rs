@@ -59,6 +59,11 @@ fn counted(stream: Stream, result: Result<StatusCode, IngressError>) -> Result<S
 
 async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<StatusCode, IngressError> {
     let (parts, body) = request.into_parts();
+    // Plivo calls with GET or POST only. HEAD reaches this handler through the GET route, and a
+    // captured GET replayed as HEAD would verify: refused before anything else.
+    if parts.method != axum::http::Method::GET && parts.method != axum::http::Method::POST {
+        return Err(IngressError::MethodNotAllowed("Plivo callbacks come as GET or POST"));
+    }
     let limit = state.body_limit;
     if super::content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
         return Err(IngressError::PayloadTooLarge { limit });
@@ -100,7 +105,22 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         })?;
 
     let reference = query.iter().find(|(k, _)| k == "ref").map(|(_, v)| v.clone());
-    let params = if is_get { query.iter().filter(|(k, _)| k != "ref").cloned().collect() } else { body_params };
+    let params: Vec<(String, String)> =
+        if is_get { query.iter().filter(|(k, _)| k != "ref").cloned().collect() } else { body_params };
+    // Verified, yet a shape Plivo never sends: a POST callback carries its fields in a form body,
+    // a GET one in its query (an empty-body POST is a GET's query replayed as POST).
+    if params.is_empty() {
+        return Err(IngressError::BadRequest(if is_get {
+            "a GET callback carries its fields in the query string; this one has none".into()
+        } else {
+            "a POST callback carries its fields in a form body; this one has none".into()
+        }));
+    }
+    let replay_key = replay_key(&sig_headers);
+    if replay_key.as_ref().is_some_and(|key| state.replays.seen(key)) {
+        metrics::counter!("smsflow_callback_replays_total", "stream" => stream.name()).increment(1);
+        return Ok(StatusCode::OK);
+    }
     let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let event = CallbackEvent {
         schema: CallbackEvent::SCHEMA.into(),
@@ -114,7 +134,20 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         request_id,
     };
     publish(state, stream, &event).await?;
+    if let Some(key) = replay_key {
+        state.replays.remember(key);
+    }
     Ok(StatusCode::OK)
+}
+
+/// The replay identity of a verified request: its V3 signature and nonce (or V2's).
+fn replay_key(headers: &SignatureHeaders<'_>) -> Option<[u8; 32]> {
+    let signature = headers.v3.or(headers.ma_v3).map(|s| (s, headers.v3_nonce));
+    let signature = signature.or_else(|| headers.v2.or(headers.ma_v2).map(|s| (s, headers.v2_nonce)));
+    match signature {
+        Some((signature, Some(nonce))) => Some(crate::replay::ReplayCache::key(signature, nonce)),
+        _ => None,
+    }
 }
 
 async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Result<(), IngressError> {
