@@ -209,6 +209,64 @@ async fn not_found() -> IngressError {
     IngressError::NotFound
 }
 
+/// Serves `app` until `shutdown`, then waits for the open connections to finish their requests.
+/// hyper runs with a timer, so a connection that does not send a request's headers within
+/// `http.header_read_timeout_ms` (a slowloris client, or one idle between keep-alive requests)
+/// is closed, and at most `http.max_connections` are open at once: past it a new connection is
+/// closed as soon as it is accepted.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    http: &shared::config::HttpSettings,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    use tower::{Service as _, ServiceExt as _};
+
+    let header_read_timeout = Duration::from_millis(http.header_read_timeout_ms);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(http.max_connections));
+    let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a moment instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("smsflow_http_connections_refused_total").increment(1);
+            continue; // dropping the stream closes it
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(service) = make_service.call(peer).await;
+        let service = service.map_request(|request: Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // Client resets and timeouts end connections all the time; nothing to report.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests finish
 /// (each one either got its confirm and answered 200, or answered 503) for at most the grace
 /// period, and closes the broker connection.
@@ -228,9 +286,7 @@ pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: Can
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
 
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = serve(listener, app, &settings.http, shutdown.clone());
     tokio::pin!(server);
     let outcome = tokio::select! {
         result = &mut server => result.map_err(anyhow::Error::from),

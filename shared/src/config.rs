@@ -183,6 +183,8 @@ pub struct HttpSettings {
     pub retry_after_secs: u32,
     pub unverified_per_second: u32,
     pub unverified_burst: u32,
+    pub header_read_timeout_ms: u64,
+    pub max_connections: usize,
 }
 
 impl HttpSettings {
@@ -191,6 +193,8 @@ impl HttpSettings {
         positive("http.body_limit_bytes", self.body_limit_bytes as u64)?;
         positive("http.request_timeout_ms", self.request_timeout_ms)?;
         positive("http.unverified_per_second", self.unverified_per_second.into())?;
+        positive("http.header_read_timeout_ms", self.header_read_timeout_ms)?;
+        positive("http.max_connections", self.max_connections as u64)?;
         positive("http.unverified_burst", self.unverified_burst.into())
     }
 }

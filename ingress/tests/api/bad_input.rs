@@ -218,3 +218,49 @@ async fn replays_and_method_tricks_are_answered_without_queueing_twice() {
     assert_eq!(queued.len(), 1, "one event for the replayed request, none for the tricks");
     assert_eq!(app.broker.len(&app.broker.topology.dead_letter_queue(Stream::Status)).await, 0);
 }
+
+/// Reads until the server closes the connection or `within` passes; true if it closed.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_cut_off_and_the_connection_cap_holds() {
+    use tokio::io::AsyncWriteExt as _;
+    let app = spawn_app_with(|s| {
+        s.http.header_read_timeout_ms = 500;
+        s.http.max_connections = 20;
+    })
+    .await;
+    app.wait_ready().await;
+    // 20 clients trickle a request's first header line and then nothing (slowloris); the cap is
+    // reached, so a 21st connection is closed at once.
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut over_the_cap = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    assert!(closed_within(&mut over_the_cap, std::time::Duration::from_millis(400)).await, "the 21st is closed");
+    // The header-read timeout closes every slow one.
+    for stream in &mut slow {
+        assert!(closed_within(stream, std::time::Duration::from_secs(3)).await, "a slow client is cut off");
+    }
+    // Their slots are free again, and a client that waits too long between keep-alive requests
+    // is cut off too.
+    let mut idle = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert!(closed_within(&mut idle, std::time::Duration::from_secs(3)).await, "idle after its answer: closed");
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+}
