@@ -115,7 +115,6 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .delete(routes::messages::delete_opt_outs),
         )
         .route("/openapi.json", get(routes::health::openapi))
-        .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
@@ -270,7 +269,13 @@ async fn serve(
 /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests finish
 /// (each one either got its confirm and answered 200, or answered 503) for at most the grace
 /// period, and closes the broker connection.
-pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `admin`: where `/metrics` is served (`http.admin_listen` in the binary), off the public port.
+pub async fn run(
+    settings: IngressSettings,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     shared::telemetry::metrics();
     routes::plivo::register_metrics();
     shared::telemetry::spawn_metrics_upkeep();
@@ -285,6 +290,12 @@ pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: Can
         router(AppState::new(&settings, publisher.clone())?, Duration::from_millis(settings.http.request_timeout_ms));
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
+    let admin = admin.map(|admin| {
+        let app = Router::new()
+            .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
+            .route("/healthz", get(routes::health::healthz));
+        tokio::spawn(axum::serve(admin, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future())
+    });
 
     let server = serve(listener, app, &settings.http, shutdown.clone());
     tokio::pin!(server);
@@ -301,5 +312,8 @@ pub async fn run(settings: IngressSettings, listener: TcpListener, shutdown: Can
     };
     broker_shutdown.cancel();
     publisher.close().await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     outcome
 }

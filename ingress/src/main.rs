@@ -33,9 +33,19 @@ async fn main() -> std::process::ExitCode {
             return shared::cli::fail("smsflow-ingress", &format!("cannot listen on {}: {e}", settings.http.listen));
         }
     };
+    let admin = match tokio::net::TcpListener::bind(settings.http.admin_listen).await {
+        Ok(admin) => admin,
+        Err(e) => {
+            let address = settings.http.admin_listen;
+            return shared::cli::fail(
+                "smsflow-ingress",
+                &format!("cannot listen on {address} (http.admin_listen): {e}"),
+            );
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::cli::cancel_on_signal(shutdown.clone()));
-    match ingress::run(settings, listener, shutdown).await {
+    match ingress::run(settings, listener, Some(admin), shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => shared::cli::fail("smsflow-ingress", &format!("{e:#}")),
     }

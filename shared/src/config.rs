@@ -185,6 +185,8 @@ pub struct HttpSettings {
     pub unverified_burst: u32,
     pub header_read_timeout_ms: u64,
     pub max_connections: usize,
+    /// The ingress's admin listener (/metrics, /healthz), off the public port.
+    pub admin_listen: SocketAddr,
 }
 
 impl HttpSettings {

@@ -185,6 +185,8 @@ fn test_env() -> Vec<(String, String)> {
         ("SMSFLOW_PLIVO__AUTH_TOKEN".into(), format!("\"{TEST_AUTH_TOKEN}\"")),
         ("SMSFLOW_PLIVO__AUTH_ID".into(), "MATESTACCOUNT000000001".into()),
         ("SMSFLOW_HTTP__PUBLIC_BASE_URL".into(), TEST_PUBLIC_BASE_URL.into()),
+        // Tests run many services side by side: every admin listener on a free port.
+        ("SMSFLOW_HTTP__ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
         ("SMSFLOW_TELEMETRY__LOG_FILTER".into(), "warn".into()),
     ]
 }

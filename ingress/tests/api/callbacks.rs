@@ -126,7 +126,7 @@ async fn metrics_count_callbacks_by_result() {
     let app = spawn_app().await;
     app.wait_ready().await;
     assert_eq!(app.post_signed("/plivo/callback", &status_params("metric-1", "sent")).await.status(), 200);
-    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = app.metrics().await;
     assert!(text.contains(r#"smsflow_callbacks_total{stream="status",result="ok"}"#), "{text}");
     assert!(text.contains("smsflow_publish_confirm_seconds_bucket"), "{text}");
     assert!(text.contains("smsflow_http_request_duration_seconds_bucket"), "{text}");
@@ -140,7 +140,15 @@ async fn invented_methods_add_no_metric_series() {
         let method = reqwest::Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
         app.client.request(method, app.url("/healthz")).send().await.unwrap();
     }
-    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = app.metrics().await;
     assert!(!text.contains("INVENTED"), "no series per invented method:\n{text}");
     assert!(text.contains(r#"method="other""#), "they share one label value:\n{text}");
+}
+
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let app = spawn_app().await;
+    app.wait_ready().await;
+    assert!(app.metrics().await.contains("smsflow_callbacks_total"));
+    assert_eq!(app.client.get(app.url("/metrics")).send().await.unwrap().status(), 404, "not on the public port");
 }

@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestApp {
     pub address: SocketAddr,
+    /// The admin listener (/metrics).
+    pub admin: SocketAddr,
     pub broker: TestBroker,
     pub client: reqwest::Client,
     pub shutdown: CancellationToken,
@@ -49,14 +51,22 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut IngressSettings)) -> TestAp
     adjust(&mut settings);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(ingress::run(settings, listener, shutdown.clone()));
-    let app = TestApp { address, broker, client: reqwest::Client::new(), shutdown, server };
+    let server = tokio::spawn(ingress::run(settings, listener, Some(admin_listener), shutdown.clone()));
+    let app = TestApp { address, admin, broker, client: reqwest::Client::new(), shutdown, server };
     app.broker.topology.declare(&app.broker.channel).await.expect("declare topology");
     app
 }
 
 impl TestApp {
+    /// The Prometheus text from the admin listener.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin);
+        self.client.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{path_and_query}", self.address)
     }

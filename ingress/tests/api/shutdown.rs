@@ -30,6 +30,7 @@ async fn stop_under_load(signal: &str) {
         .env("SMSFLOW_PLIVO__AUTH_TOKEN", TEST_AUTH_TOKEN)
         .env("SMSFLOW_HTTP__PUBLIC_BASE_URL", TEST_PUBLIC_BASE_URL)
         .env("SMSFLOW_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("SMSFLOW_HTTP__ADMIN_LISTEN", "127.0.0.1:0")
         .envs(broker.amqp_env())
         .env("SMSFLOW_TELEMETRY__LOG_FILTER", "warn")
         .kill_on_drop(true)

@@ -217,7 +217,7 @@ impl System {
 
     fn spawn_ingress(&self, listener: tokio::net::TcpListener) -> Running {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ingress::run(self.ingress_settings.clone(), listener, shutdown.clone()));
+        let task = tokio::spawn(ingress::run(self.ingress_settings.clone(), listener, None, shutdown.clone()));
         Running { shutdown, task }
     }
 

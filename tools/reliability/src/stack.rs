@@ -93,7 +93,7 @@ impl Stack {
         // The status API and the ingress's idempotency check read the test's database.
         ingress_settings.database.url = SecretString::from(shared::testing::database_url(&pool));
         tune(&mut ingress_settings, &mut worker_settings);
-        tokio::spawn(ingress::run(ingress_settings, ingress_listener, shutdown.clone()));
+        tokio::spawn(ingress::run(ingress_settings, ingress_listener, None, shutdown.clone()));
         let worker = tokio::spawn(worker::run_with(worker_settings.clone(), pool, None, shutdown.clone()));
         let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("HTTP client");
         wait_ready(&client, &ingress_url).await;
