@@ -48,6 +48,9 @@ pub struct AppState {
     pub replays: Arc<replay::ReplayCache>,
 }
 
+/// Open connections on the admin listener at most (Prometheus and a person with curl).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// How long, and how many, queued callbacks an instance remembers to answer their replays
 /// without publishing again (~100 bytes each: ~10 MB at most).
 const REPLAY_TTL: Duration = Duration::from_secs(15 * 60);
@@ -216,7 +219,8 @@ async fn not_found() -> IngressError {
 async fn serve(
     listener: TcpListener,
     app: Router,
-    http: &shared::config::HttpSettings,
+    header_read_timeout: Duration,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -224,18 +228,25 @@ async fn serve(
     use hyper_util::service::TowerToHyperService;
     use tower::{Service as _, ServiceExt as _};
 
-    let header_read_timeout = Duration::from_millis(http.header_read_timeout_ms);
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only (Plivo and API clients speak it): the auto builder's HTTP/2 sniffing reads
+    // the first bytes with no timer, and an HTTP/2 connection has no idle timeout, so either
+    // would let a silent client hold a slot forever.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_read_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(http.max_connections));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                // A client gone before its connection was accepted: nothing to wait for.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) => continue,
                 Err(e) => {
                     // Out of file descriptors, say: wait a moment instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -251,9 +262,7 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let Ok(service) = make_service.call(peer).await;
         let service = service.map_request(|request: Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
+        let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             // Client resets and timeouts end connections all the time; nothing to report.
@@ -290,14 +299,16 @@ pub async fn run(
         router(AppState::new(&settings, publisher.clone())?, Duration::from_millis(settings.http.request_timeout_ms));
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
+    let header_read_timeout = Duration::from_millis(settings.http.header_read_timeout_ms);
     let admin = admin.map(|admin| {
         let app = Router::new()
             .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
             .route("/healthz", get(routes::health::healthz));
-        tokio::spawn(axum::serve(admin, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future())
+        // The same protections as the public port, with room for a few scrapers only.
+        tokio::spawn(serve(admin, app, header_read_timeout, ADMIN_MAX_CONNECTIONS, shutdown.clone()))
     });
 
-    let server = serve(listener, app, &settings.http, shutdown.clone());
+    let server = serve(listener, app, header_read_timeout, settings.http.max_connections, shutdown.clone());
     tokio::pin!(server);
     let outcome = tokio::select! {
         result = &mut server => result.map_err(anyhow::Error::from),
@@ -313,7 +324,9 @@ pub async fn run(
     broker_shutdown.cancel();
     publisher.close().await;
     if let Some(admin) = admin {
-        let _ = admin.await;
+        // Bounded like the public side: a scrape in progress does not hold the exit.
+        let grace = Duration::from_millis(settings.http.shutdown_grace_ms);
+        let _ = tokio::time::timeout(grace, admin).await;
     }
     outcome
 }

@@ -27,13 +27,24 @@ impl ReplayCache {
         Self { ttl, capacity, seen: Mutex::new(Seen::default()) }
     }
 
-    /// The identity of a signed request: its signature header and nonce (the signature covers
-    /// the method, URL and fields).
-    pub fn key(signature: &str, nonce: &str) -> [u8; 32] {
+    /// The identity of a verified request: what its signature proved (scheme, method, URL,
+    /// form fields in signature order, nonce), never the header's text, which a replayer can
+    /// vary (extra list entries, a junk second header) without breaking the verification.
+    pub fn key(scheme: &str, method: &str, url: &str, fields: &[(String, String)], nonce: &str) -> [u8; 32] {
+        let mut sorted: Vec<&(String, String)> = fields.iter().collect();
+        sorted.sort_unstable();
         let mut hasher = Sha256::new();
-        hasher.update((signature.len() as u64).to_le_bytes());
-        hasher.update(signature.as_bytes());
-        hasher.update(nonce.as_bytes());
+        let mut part = |text: &str| {
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
+        };
+        for text in [scheme, method, url, nonce] {
+            part(text);
+        }
+        for (key, value) in sorted {
+            part(key);
+            part(value);
+        }
         hasher.finalize().into()
     }
 
@@ -68,14 +79,26 @@ mod tests {
     #[test]
     fn remembers_within_its_ttl_and_its_capacity() {
         let cache = ReplayCache::new(Duration::from_secs(60), 3);
-        let keys: Vec<[u8; 32]> = (0..5).map(|i| ReplayCache::key("sig", &i.to_string())).collect();
+        let keys: Vec<[u8; 32]> = (0..5).map(|i| ReplayCache::key("v3", "POST", "u", &[], &i.to_string())).collect();
         assert!(!cache.seen(&keys[0]));
         for key in &keys {
             cache.remember(*key);
         }
         assert!(keys[2..].iter().all(|k| cache.seen(k)), "the newest three are kept");
         assert!(!cache.seen(&keys[0]) && !cache.seen(&keys[1]), "the oldest went when it was full");
-        assert_ne!(ReplayCache::key("ab", "c"), ReplayCache::key("a", "bc"), "no ambiguity between the parts");
+        assert_ne!(
+            ReplayCache::key("v3", "POST", "ab", &[], "c"),
+            ReplayCache::key("v3", "POST", "a", &[], "bc"),
+            "no ambiguity between the parts"
+        );
+        let fields = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert_eq!(
+            ReplayCache::key("v3", "POST", "u", &fields(&[("a", "1"), ("b", "2")]), "n"),
+            ReplayCache::key("v3", "POST", "u", &fields(&[("b", "2"), ("a", "1")]), "n"),
+            "wire order is not part of what was signed"
+        );
 
         let short = ReplayCache::new(Duration::from_millis(0), 10);
         short.remember(keys[0]);

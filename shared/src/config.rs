@@ -196,6 +196,13 @@ impl HttpSettings {
         positive("http.request_timeout_ms", self.request_timeout_ms)?;
         positive("http.unverified_per_second", self.unverified_per_second.into())?;
         positive("http.header_read_timeout_ms", self.header_read_timeout_ms)?;
+        // A connection still sending its headers at SIGTERM holds the drain up to this long.
+        if self.header_read_timeout_ms >= self.shutdown_grace_ms {
+            return Err(ConfigError::new(
+                "http.header_read_timeout_ms",
+                "must be shorter than http.shutdown_grace_ms, or a slow client could outlast the shutdown grace",
+            ));
+        }
         positive("http.max_connections", self.max_connections as u64)?;
         positive("http.unverified_burst", self.unverified_burst.into())
     }

@@ -116,6 +116,9 @@ fn invalid_values_are_refused_with_the_key() {
         ("SMSFLOW_TELEMETRY__SAMPLE_RATIO", "1.5", "telemetry.sample_ratio"),
         ("SMSFLOW_TELEMETRY__LOG_FORMAT", "xml", "telemetry.log_format"),
         ("SMSFLOW_HTTP__LISTEN", "not-an-address", "http.listen"),
+        // Not shorter than the shutdown grace (10 s): a slow client could outlast the drain.
+        ("SMSFLOW_HTTP__HEADER_READ_TIMEOUT_MS", "10000", "http.header_read_timeout_ms"),
+        ("SMSFLOW_HTTP__MAX_CONNECTIONS", "0", "http.max_connections"),
     ];
     for (name, value, key) in cases {
         let err: ConfigError = load_with_env::<IngressSettings>(None, with_token(&[(name, value)])).unwrap_err();

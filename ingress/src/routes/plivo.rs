@@ -11,7 +11,7 @@ use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::headers::json_message;
 use shared::amqp::{PublishError, Stream};
 use shared::plivo::form::{parse_body, parse_pairs};
-use shared::plivo::signature::{self, SignatureHeaders, VerifyError};
+use shared::plivo::signature::{self, Scheme, SignatureHeaders, VerifyError};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
 use uuid::Uuid;
@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::read_body;
 use crate::AppState;
 use crate::error::IngressError;
+use crate::replay::ReplayCache;
 
 pub async fn status_callback(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     counted(Stream::Status, accept(&state, Stream::Status, request).await)
@@ -104,6 +105,9 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
             VerifyError::Url(e) => IngressError::BadRequest(e.to_string()),
         })?;
 
+    let nonce = if scheme == Scheme::V2 { sig_headers.v2_nonce } else { sig_headers.v3_nonce };
+    let replay_key =
+        ReplayCache::key(scheme.as_str(), parts.method.as_str(), &url, &body_params, nonce.unwrap_or_default());
     let reference = query.iter().find(|(k, _)| k == "ref").map(|(_, v)| v.clone());
     let params: Vec<(String, String)> =
         if is_get { query.iter().filter(|(k, _)| k != "ref").cloned().collect() } else { body_params };
@@ -116,8 +120,7 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
             "a POST callback carries its fields in a form body; this one has none".into()
         }));
     }
-    let replay_key = replay_key(&sig_headers);
-    if replay_key.as_ref().is_some_and(|key| state.replays.seen(key)) {
+    if state.replays.seen(&replay_key) {
         metrics::counter!("smsflow_callback_replays_total", "stream" => stream.name()).increment(1);
         return Ok(StatusCode::OK);
     }
@@ -134,20 +137,8 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         request_id,
     };
     publish(state, stream, &event).await?;
-    if let Some(key) = replay_key {
-        state.replays.remember(key);
-    }
+    state.replays.remember(replay_key);
     Ok(StatusCode::OK)
-}
-
-/// The replay identity of a verified request: its V3 signature and nonce (or V2's).
-fn replay_key(headers: &SignatureHeaders<'_>) -> Option<[u8; 32]> {
-    let signature = headers.v3.or(headers.ma_v3).map(|s| (s, headers.v3_nonce));
-    let signature = signature.or_else(|| headers.v2.or(headers.ma_v2).map(|s| (s, headers.v2_nonce)));
-    match signature {
-        Some((signature, Some(nonce))) => Some(crate::replay::ReplayCache::key(signature, nonce)),
-        _ => None,
-    }
 }
 
 async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Result<(), IngressError> {
