@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use shared::plivo::form::{hash_fields, hash_text};
 
 pub struct ReplayCache {
     ttl: Duration,
@@ -31,20 +32,11 @@ impl ReplayCache {
     /// form fields in signature order, nonce), never the header's text, which a replayer can
     /// vary (extra list entries, a junk second header) without breaking the verification.
     pub fn key(scheme: &str, method: &str, url: &str, fields: &[(String, String)], nonce: &str) -> [u8; 32] {
-        let mut sorted: Vec<&(String, String)> = fields.iter().collect();
-        sorted.sort_unstable();
         let mut hasher = Sha256::new();
-        let mut part = |text: &str| {
-            hasher.update((text.len() as u64).to_le_bytes());
-            hasher.update(text.as_bytes());
-        };
         for text in [scheme, method, url, nonce] {
-            part(text);
+            hash_text(&mut hasher, text);
         }
-        for (key, value) in sorted {
-            part(key);
-            part(value);
-        }
+        hash_fields(&mut hasher, fields);
         hasher.finalize().into()
     }
 

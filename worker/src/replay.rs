@@ -40,11 +40,8 @@ pub async fn replay_dead_letters(
     topology.declare(&channel).await?;
     let dead = topology.dead_letter_queue(stream);
     // Messages ready in the dead-letter queue (a passive declare only reads the count).
-    let ready_in_dead = async || {
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await.map(|q| q.message_count())
-    };
-    let waiting = ready_in_dead().await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let waiting = channel.queue_declare(dead.as_str().into(), passive, FieldTable::default()).await?.message_count();
 
     let shutdown = CancellationToken::new();
     let publisher = Publisher::start(settings.clone(), topology.clone(), "smsflow-worker replay", shutdown.clone());

@@ -51,7 +51,13 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     for update in updates {
         ids.entry(&update.message_uuid).or_insert_with(Uuid::now_v7);
     }
+    // The columns both statements bind, built once.
     let message_ids: Vec<Uuid> = updates.iter().map(|u| ids[u.message_uuid.as_str()]).collect();
+    let message_uuids: Vec<String> = updates.iter().map(|u| u.message_uuid.clone()).collect();
+    let statuses: Vec<String> = updates.iter().map(|u| u.status.as_str().to_owned()).collect();
+    let sequences: Vec<Option<i64>> = updates.iter().map(|u| u.sequence).collect();
+    let error_codes: Vec<Option<i32>> = updates.iter().map(|u| u.error_code).collect();
+    let event_keys: Vec<Vec<u8>> = updates.iter().map(|u| u.dedupe_key.to_vec()).collect();
 
     let advanced = sqlx::query_scalar!(
         r#"
@@ -121,17 +127,17 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         WHERE upserted.status_event_key = winners.event_key
         "#,
         &message_ids,
-        &updates.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
+        &message_uuids,
         &updates.iter().map(|u| u.sender.clone()).collect::<Vec<_>>() as &[Option<String>],
         &updates.iter().map(|u| u.recipient.clone()).collect::<Vec<_>>() as &[Option<String>],
-        &updates.iter().map(|u| u.status.as_str().to_owned()).collect::<Vec<_>>(),
-        &updates.iter().map(|u| u.sequence).collect::<Vec<_>>() as &[Option<i64>],
-        &updates.iter().map(|u| u.error_code).collect::<Vec<_>>() as &[Option<i32>],
+        &statuses,
+        &sequences as &[Option<i64>],
+        &error_codes as &[Option<i32>],
         &updates.iter().map(|u| u.units).collect::<Vec<_>>() as &[Option<i32>],
         &updates.iter().map(|u| u.amount.clone()).collect::<Vec<_>>() as &[Option<String>],
         &updates.iter().map(|u| u.plivo_time).collect::<Vec<_>>() as &[Option<OffsetDateTime>],
         &updates.iter().map(|u| u.event_at).collect::<Vec<_>>(),
-        &updates.iter().map(|u| u.dedupe_key.to_vec()).collect::<Vec<_>>(),
+        &event_keys,
     )
     .fetch_one(&mut *tx)
     .await? as u64;
@@ -144,12 +150,12 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
                     $8::timestamptz[]) AS t(d, m, u, s, q, e, p, r)
         ON CONFLICT (dedupe_key) DO NOTHING
         "#,
-        &updates.iter().map(|u| u.dedupe_key.to_vec()).collect::<Vec<_>>(),
+        &event_keys,
         &message_ids,
-        &updates.iter().map(|u| u.message_uuid.clone()).collect::<Vec<_>>(),
-        &updates.iter().map(|u| u.status.as_str().to_owned()).collect::<Vec<_>>(),
-        &updates.iter().map(|u| u.sequence).collect::<Vec<_>>() as &[Option<i64>],
-        &updates.iter().map(|u| u.error_code).collect::<Vec<_>>() as &[Option<i32>],
+        &message_uuids,
+        &statuses,
+        &sequences as &[Option<i64>],
+        &error_codes as &[Option<i32>],
         &updates.iter().map(|u| u.params.clone()).collect::<Vec<_>>(),
         &updates.iter().map(|u| u.received_at).collect::<Vec<_>>(),
     )

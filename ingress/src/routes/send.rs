@@ -38,7 +38,6 @@ struct SendRequest {
 
 /// One configured API token.
 pub struct ApiToken {
-    pub secret: secrecy::SecretString,
     /// May read full phone numbers and message text.
     pub full_read: bool,
     /// Scopes idempotency keys to their token.
@@ -56,7 +55,6 @@ impl ApiToken {
         let fingerprint = digest.iter().map(|b| format!("{b:02x}")).collect();
         Self {
             digest,
-            secret,
             full_read,
             fingerprint,
             budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()),
@@ -81,8 +79,8 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     }
     let body = super::read_body(&headers, body, state.body_limit).await?;
     let request: SendRequest = serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?;
-    let keyed = headers.contains_key("idempotency-key");
-    let id = match headers.get("idempotency-key") {
+    let idempotency_key = headers.get("idempotency-key");
+    let id = match idempotency_key {
         None => Uuid::now_v7(),
         Some(value) => {
             let key =
@@ -107,7 +105,7 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     let valid = job
         .validate(&state.default_sender)
         .map_err(|e| IngressError::InvalidField { field: Some(e.field.to_owned()), message: e.to_string() })?;
-    if keyed {
+    if idempotency_key.is_some() {
         refuse_reused_key(&state, &valid).await?;
     }
 

@@ -76,8 +76,8 @@ impl fmt::Display for PhoneNumber {
 /// [`their_identity`], so an opt-out stored from a STOP matches the send it must stop.
 pub fn party_identity(raw: &str) -> String {
     let raw = raw.trim();
-    let digits = !raw.is_empty() && raw.chars().all(|c| c.is_ascii_digit());
-    if digits && raw.len() > crate::domain::send::MAX_SHORT_CODE_DIGITS { format!("+{raw}") } else { raw.to_owned() }
+    // Up to a short code's length, digits stay digits (a sender ID stays as given either way).
+    if raw.len() <= crate::domain::send::MAX_SHORT_CODE_DIGITS { raw.to_owned() } else { their_identity(raw) }
 }
 
 /// How the other side (a recipient of ours, the writer of an inbound SMS) is written: always a

@@ -11,8 +11,13 @@ use crate::amqp::contracts::SendJob;
 pub const MIN_MESSAGE_EXPIRY_SECS: u32 = 5;
 /// Plivo's limit is "less than 10,800" (three hours): 10,800 itself is refused.
 pub const MAX_MESSAGE_EXPIRY_SECS: u32 = 10_799;
-/// A sender of up to this many digits and no `+` is a short code.
+/// A sender of 3 to this many digits and no `+` is a short code.
 pub const MAX_SHORT_CODE_DIGITS: usize = 8;
+
+/// Whether `raw` (trimmed) is a short code: digits only, 3–8 of them.
+pub fn is_short_code(raw: &str) -> bool {
+    (3..=MAX_SHORT_CODE_DIGITS).contains(&raw.len()) && raw.chars().all(|c| c.is_ascii_digit())
+}
 pub const MAX_METADATA_BYTES: usize = 4096;
 
 /// Who the message is from.
@@ -40,7 +45,7 @@ impl Sender {
         if raw.starts_with('+') {
             return PhoneNumber::parse(raw).map(Sender::Number).map_err(|e| e.to_string());
         }
-        if raw.chars().all(|c| c.is_ascii_digit()) && (3..=MAX_SHORT_CODE_DIGITS).contains(&raw.len()) {
+        if is_short_code(raw) {
             return Ok(Sender::ShortCode(raw.to_owned()));
         }
         if (1..=11).contains(&raw.len())
@@ -117,8 +122,7 @@ impl SendJob {
             ));
         }
         let metadata = serde_json::Value::Object(self.metadata.clone().unwrap_or_default());
-        let metadata_json = metadata.to_string();
-        if metadata_json.len() > MAX_METADATA_BYTES {
+        if metadata.to_string().len() > MAX_METADATA_BYTES {
             return Err(field("metadata", format!("must be at most {MAX_METADATA_BYTES} bytes of JSON")));
         }
         // jsonb refuses NUL in a key or a string.

@@ -49,6 +49,26 @@ pub fn parse_pairs(raw: &str) -> Result<Vec<(String, String)>, FormError> {
         .collect()
 }
 
+/// Feeds `text` to `hasher` length-prefixed, so that no two different sequences of texts feed
+/// it the same bytes (`"ab","c"` and `"a","bc"` differ).
+pub fn hash_text(hasher: &mut sha2::Sha256, text: &str) {
+    use sha2::Digest as _;
+    hasher.update((text.len() as u64).to_le_bytes());
+    hasher.update(text.as_bytes());
+}
+
+/// Feeds a set of form fields to `hasher`: sorted, as the signature orders them, so the order
+/// on the wire does not matter, and each key and value through [`hash_text`]. The callbacks'
+/// dedupe key and the ingress's replay key are both built on it.
+pub fn hash_fields(hasher: &mut sha2::Sha256, fields: &[(String, String)]) {
+    let mut sorted: Vec<&(String, String)> = fields.iter().collect();
+    sorted.sort_unstable();
+    for (key, value) in sorted {
+        hash_text(hasher, key);
+        hash_text(hasher, value);
+    }
+}
+
 /// Decodes a request body; the bytes themselves must be ASCII-compatible UTF-8 text.
 pub fn parse_body(body: &[u8]) -> Result<Vec<(String, String)>, FormError> {
     let text = std::str::from_utf8(body).map_err(|_| FormError::NotUtf8)?;

@@ -123,15 +123,8 @@ pub fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
 
 /// Length-prefixed so that no two different parameter sets hash the same text.
 pub fn dedupe_key(params: &[(String, String)]) -> [u8; 32] {
-    let mut sorted: Vec<&(String, String)> = params.iter().collect();
-    sorted.sort_unstable();
     let mut hasher = Sha256::new();
-    for (k, v) in sorted {
-        hasher.update((k.len() as u64).to_le_bytes());
-        hasher.update(k.as_bytes());
-        hasher.update((v.len() as u64).to_le_bytes());
-        hasher.update(v.as_bytes());
-    }
+    shared::plivo::form::hash_fields(&mut hasher, params);
     hasher.finalize().into()
 }
 
