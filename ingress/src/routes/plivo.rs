@@ -1,7 +1,8 @@
 //! Plivo webhooks: status callbacks and inbound SMS.
 //!
-//! Per request, in this order: size limit → signature headers present → content type and form
-//! decoding → signature valid → publish with confirm → answer. A 200 means the broker has
+//! Per request, in this order: method → declared size → signature headers present and shaped
+//! like signatures (before any body byte is read) → body read within the limit → content type
+//! and form decoding → signature valid → publish with confirm → answer. A 200 means the broker has
 //! confirmed the event; anything that cannot be made durable is answered 503 so Plivo retries.
 //! Nothing is parsed into domain types here: every received parameter travels to the worker.
 
@@ -70,15 +71,8 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         return Err(IngressError::PayloadTooLarge { limit });
     }
     let sig_headers = signature_headers(&parts.headers);
-    if sig_headers.v3.is_none()
-        && sig_headers.ma_v3.is_none()
-        && sig_headers.v2.is_none()
-        && sig_headers.ma_v2.is_none()
-    {
-        return Err(state.unverified(IngressError::MissingSignature(
-            "missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers".into(),
-        )));
-    }
+    // A forgery whose headers alone refuse it costs no body read, form parse or HMAC.
+    state.verifier.precheck(&sig_headers).map_err(|e| refused(state, e))?;
 
     let is_get = parts.method == axum::http::Method::GET;
     let body_bytes = read_body(&parts.headers, body, limit).await?;
@@ -98,12 +92,10 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         Some(q) => format!("{}{}?{q}", state.public_base_url, parts.uri.path()),
         None => format!("{}{}", state.public_base_url, parts.uri.path()),
     };
-    let scheme =
-        state.verifier.verify(&sig_headers, parts.method.as_str(), &url, &body_params).map_err(|e| match e {
-            VerifyError::Missing(m) => state.unverified(IngressError::MissingSignature(m.into())),
-            VerifyError::Invalid(m) => state.unverified(IngressError::InvalidSignature(m.into())),
-            VerifyError::Url(e) => IngressError::BadRequest(e.to_string()),
-        })?;
+    let scheme = state
+        .verifier
+        .verify(&sig_headers, parts.method.as_str(), &url, &body_params)
+        .map_err(|e| refused(state, e))?;
 
     let nonce = if scheme == Scheme::V2 { sig_headers.v2_nonce } else { sig_headers.v3_nonce };
     let replay_key =
@@ -139,6 +131,15 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
     publish(state, stream, &event).await?;
     state.replays.remember(replay_key);
     Ok(StatusCode::OK)
+}
+
+/// A failed verification, answered once the failed-verification budget is spent as 429.
+fn refused(state: &AppState, error: VerifyError) -> IngressError {
+    match error {
+        VerifyError::Missing(m) => state.unverified(IngressError::MissingSignature(m.into())),
+        VerifyError::Invalid(m) => state.unverified(IngressError::InvalidSignature(m.into())),
+        VerifyError::Url(e) => IngressError::BadRequest(e.to_string()),
+    }
 }
 
 async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Result<(), IngressError> {

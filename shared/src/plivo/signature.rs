@@ -122,6 +122,15 @@ fn header_matches(header: &str, expected: &str) -> bool {
         .fold(false, |found, candidate| found | bool::from(candidate.as_bytes().ct_eq(expected.as_bytes())))
 }
 
+/// Whether `value` has the shape of `hmac_base64`'s output (32 bytes in padded standard
+/// base64), the only shape that can equal it.
+fn signature_shaped(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    bytes.len() == 44
+        && bytes[43] == b'='
+        && bytes[..43].iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/'))
+}
+
 fn any_token_matches(header: &str, tokens: &[&SecretString], message: &str) -> bool {
     tokens
         .iter()
@@ -205,6 +214,34 @@ impl Verifier {
         }
     }
 
+    /// What can be decided from the headers alone, before the body is read: the headers the
+    /// scheme needs are present, and at least one value has the shape of a signature (44
+    /// characters of standard base64: a forgery of any other shape can never match). `verify`
+    /// applies the same rule first, so this refuses exactly what `verify` would, only sooner.
+    pub fn precheck(&self, headers: &SignatureHeaders<'_>) -> Result<Scheme, VerifyError> {
+        if headers.v3.is_some() || headers.ma_v3.is_some() {
+            headers.v3_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V3-Nonce header"))?;
+            let plausible = |h: Option<&str>| h.is_some_and(|h| h.split(',').map(str::trim).any(signature_shaped));
+            if !plausible(headers.v3) && !plausible(headers.ma_v3) {
+                return Err(VerifyError::Invalid("X-Plivo-Signature-V3 does not match"));
+            }
+            return Ok(Scheme::V3);
+        }
+        if headers.v2.is_some() || headers.ma_v2.is_some() {
+            if !self.accept_v2 {
+                return Err(VerifyError::Missing(
+                    "X-Plivo-Signature-V3 header required (V2 signatures are disabled: plivo.accept_v2_signatures)",
+                ));
+            }
+            headers.v2_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V2-Nonce header"))?;
+            if !headers.v2.is_some_and(signature_shaped) && !headers.ma_v2.is_some_and(signature_shaped) {
+                return Err(VerifyError::Invalid("X-Plivo-Signature-V2 does not match"));
+            }
+            return Ok(Scheme::V2);
+        }
+        Err(VerifyError::Missing("missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers"))
+    }
+
     /// V3 is authoritative whenever a V3 header is present; V2 is tried only without one, and
     /// only when enabled (it does not cover the body).
     pub fn verify(
@@ -214,34 +251,27 @@ impl Verifier {
         url: &str,
         body: &[(String, String)],
     ) -> Result<Scheme, VerifyError> {
-        if headers.v3.is_some() || headers.ma_v3.is_some() {
-            let nonce = headers.v3_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V3-Nonce header"))?;
+        let scheme = self.precheck(headers)?;
+        if scheme == Scheme::V3 {
+            let nonce = headers.v3_nonce.unwrap_or_default();
             let message = v3_signed_string(&SignedRequest { method, url, body, nonce })?;
             let account: Vec<&SecretString> = self.account_tokens.iter().collect();
             let ok = headers.v3.is_some_and(|h| any_token_matches(h, &account, &message))
                 | headers.ma_v3.is_some_and(|h| any_token_matches(h, &self.main_tokens(), &message));
             return if ok { Ok(Scheme::V3) } else { Err(VerifyError::Invalid("X-Plivo-Signature-V3 does not match")) };
         }
-        if headers.v2.is_some() || headers.ma_v2.is_some() {
-            if !self.accept_v2 {
-                return Err(VerifyError::Missing(
-                    "X-Plivo-Signature-V3 header required (V2 signatures are disabled: plivo.accept_v2_signatures)",
-                ));
-            }
-            let nonce = headers.v2_nonce.ok_or(VerifyError::Missing("missing X-Plivo-Signature-V2-Nonce header"))?;
-            let message = v2_signed_string(url, nonce)?;
-            // V2 headers are never comma lists in the SDKs; an exact match is required.
-            let exact = |h: &str, tokens: &[&SecretString]| {
-                tokens.iter().fold(false, |found, t| {
-                    found | bool::from(h.as_bytes().ct_eq(hmac_base64(t.expose_secret(), &message).as_bytes()))
-                })
-            };
-            let account: Vec<&SecretString> = self.account_tokens.iter().collect();
-            let ok = headers.v2.is_some_and(|h| exact(h, &account))
-                | headers.ma_v2.is_some_and(|h| exact(h, &self.main_tokens()));
-            return if ok { Ok(Scheme::V2) } else { Err(VerifyError::Invalid("X-Plivo-Signature-V2 does not match")) };
-        }
-        Err(VerifyError::Missing("missing X-Plivo-Signature-V3 and X-Plivo-Signature-V3-Nonce headers"))
+        let nonce = headers.v2_nonce.unwrap_or_default();
+        let message = v2_signed_string(url, nonce)?;
+        // V2 headers are never comma lists in the SDKs; an exact match is required.
+        let exact = |h: &str, tokens: &[&SecretString]| {
+            tokens.iter().fold(false, |found, t| {
+                found | bool::from(h.as_bytes().ct_eq(hmac_base64(t.expose_secret(), &message).as_bytes()))
+            })
+        };
+        let account: Vec<&SecretString> = self.account_tokens.iter().collect();
+        let ok = headers.v2.is_some_and(|h| exact(h, &account))
+            | headers.ma_v2.is_some_and(|h| exact(h, &self.main_tokens()));
+        if ok { Ok(Scheme::V2) } else { Err(VerifyError::Invalid("X-Plivo-Signature-V2 does not match")) }
     }
 }
 
@@ -265,5 +295,24 @@ mod tests {
         assert!(header_matches("def", "def"));
         assert!(!header_matches("abc,de", "def"));
         assert!(!header_matches("", "def"));
+    }
+
+    #[test]
+    fn only_signature_shaped_values_pass_the_precheck() {
+        fn headers(v3: &str) -> SignatureHeaders<'_> {
+            SignatureHeaders { v3: Some(v3), v3_nonce: Some("1"), ..Default::default() }
+        }
+        let verifier = Verifier::new(vec![SecretString::from("token")], None, false);
+        let real = hmac_base64("any key", "any message");
+        assert!(signature_shaped(&real));
+        let long = "A".repeat(4096);
+        for forged in ["", "x", "Zm9yZ2Vk", "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!=", &long] {
+            let refused = verifier.precheck(&headers(forged));
+            assert_eq!(refused, Err(VerifyError::Invalid("X-Plivo-Signature-V3 does not match")), "{forged:.50}");
+        }
+        let listed = format!("junk, {real}");
+        assert_eq!(verifier.precheck(&headers(&listed)), Ok(Scheme::V3));
+        let no_nonce = SignatureHeaders { v3: Some(&listed), ..Default::default() };
+        assert!(matches!(verifier.precheck(&no_nonce), Err(VerifyError::Missing(_))));
     }
 }
