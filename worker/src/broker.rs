@@ -9,8 +9,7 @@ use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 
 use lapin::message::Delivery;
-use lapin::options::BasicConsumeOptions;
-use lapin::options::BasicQosOptions;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
 use shared::amqp::headers::get_int;
@@ -134,7 +133,7 @@ pub async fn consume_with_reconnect(
 ) -> anyhow::Result<()> {
     let give_up = Duration::from_millis(settings.reconnect_give_up_ms);
     let mut down_since = Instant::now();
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = shared::amqp::reconnect_backoff();
     loop {
         let error = match Session::open(settings, topology, stream, prefetch).await {
             Ok(mut session) => {
@@ -144,7 +143,7 @@ pub async fn consume_with_reconnect(
                 consuming.store(false, Ordering::Relaxed);
                 session.close().await;
                 down_since = Instant::now();
-                delay = Duration::from_millis(100);
+                backoff = shared::amqp::reconnect_backoff();
                 match end {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(error) => error,
@@ -158,20 +157,129 @@ pub async fn consume_with_reconnect(
         tracing::warn!(stream = stream.name(), error = %format!("{error:#}"), "broker session lost; reconnecting");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(5))) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Where `retry_later` sent a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rerouted {
-    RetryScheduled { attempt: i64 },
-    DeadLettered,
+/// Why a delivery is retried later. `label` is the `reason` of `smsflow_retries_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryCause {
+    DatabaseUnavailable(String),
+    /// Plivo's answer (or its absence) did not settle the job; the text says what happened.
+    Plivo(String),
+    /// At-least-once: a worker stopped during the Plivo call, so the job is sent again.
+    InterruptedCall,
 }
 
-/// Publishes deliveries to the retry ladder or the dead-letter queue.
+impl RetryCause {
+    pub const LABELS: [&'static str; 3] = ["database_unavailable", "plivo", "interrupted_call"];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::DatabaseUnavailable(_) => Self::LABELS[0],
+            Self::Plivo(_) => Self::LABELS[1],
+            Self::InterruptedCall => Self::LABELS[2],
+        }
+    }
+}
+
+impl std::fmt::Display for RetryCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::DatabaseUnavailable(error) => write!(f, "database unavailable: {error}"),
+            Self::Plivo(what) => f.write_str(what),
+            Self::InterruptedCall => f.write_str("interrupted call; at-least-once"),
+        }
+    }
+}
+
+/// Why a delivery can never be processed. `label` is the `reason` of
+/// `smsflow_dead_letters_total` (from the type, never from the text); the text, which names the
+/// problem, goes into the dead letter's reason header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Not JSON, or JSON that is not the stream's contract.
+    NotJson(String),
+    /// A schema or version this worker does not read.
+    Schema(String),
+    /// A field every event of the stream needs is absent.
+    MissingField(String),
+    UnknownStatus(String),
+    /// A send job whose content is invalid (recipient, sender, text, options).
+    InvalidJob(String),
+    /// A job id or idempotency key reused with other content: never sent.
+    IdempotencyConflict(String),
+    /// The database refused the write for good (a constraint, not an outage).
+    DatabaseRefused(String),
+    /// Past the last rung of the retry ladder.
+    RetriesExhausted {
+        retries: i64,
+        cause: RetryCause,
+    },
+}
+
+impl DeadReason {
+    pub const LABELS: [&'static str; 8] = [
+        "not_json",
+        "schema",
+        "missing_field",
+        "unknown_status",
+        "invalid_job",
+        "idempotency_conflict",
+        "database_refused",
+        "retries_exhausted",
+    ];
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotJson(_) => Self::LABELS[0],
+            Self::Schema(_) => Self::LABELS[1],
+            Self::MissingField(_) => Self::LABELS[2],
+            Self::UnknownStatus(_) => Self::LABELS[3],
+            Self::InvalidJob(_) => Self::LABELS[4],
+            Self::IdempotencyConflict(_) => Self::LABELS[5],
+            Self::DatabaseRefused(_) => Self::LABELS[6],
+            Self::RetriesExhausted { .. } => Self::LABELS[7],
+        }
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotJson(text)
+            | Self::Schema(text)
+            | Self::MissingField(text)
+            | Self::UnknownStatus(text)
+            | Self::InvalidJob(text)
+            | Self::IdempotencyConflict(text) => f.write_str(text),
+            Self::DatabaseRefused(error) => write!(f, "refused by the database: {error}"),
+            Self::RetriesExhausted { retries, cause } => write!(f, "gave up after {retries} retries: {cause}"),
+        }
+    }
+}
+
+/// What a pipeline decided for one delivery; `Rerouter::dispose` carries it out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Processed: acked.
+    Done,
+    /// Not now: the next rung of the retry ladder (past the last, the dead-letter queue), the
+    /// delivery carrying `headers` from now on.
+    Retry { cause: RetryCause, headers: Vec<(&'static str, AMQPValue)> },
+    /// Never: the dead-letter queue.
+    Dead(DeadReason),
+}
+
+impl Disposition {
+    pub fn retry(cause: RetryCause) -> Self {
+        Self::Retry { cause, headers: Vec::new() }
+    }
+}
+
+/// Carries out dispositions: the one place a delivery is rerouted (to the retry ladder or the
+/// dead-letter queue, publisher-confirmed) and then acked.
 #[derive(Clone)]
 pub struct Rerouter {
     pub publisher: Publisher,
@@ -179,100 +287,100 @@ pub struct Rerouter {
 }
 
 impl Rerouter {
-    /// Parks a delivery that can never be processed, with the reason in a header.
-    pub async fn dead_letter(&self, stream: Stream, delivery: &Delivery, reason: &str) -> Result<(), PublishError> {
-        self.publish_dead(stream, delivery, reason, &[(DEAD_LETTER_REASON_HEADER, header_text(reason))]).await
+    /// Reroutes the delivery as `disposition` says, then acks it (alone: other deliveries of
+    /// the channel may still be in progress). An error means it was not acked.
+    pub async fn dispose(&self, stream: Stream, delivery: &Delivery, disposition: Disposition) -> anyhow::Result<()> {
+        self.reroute(stream, delivery, disposition).await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// `dispose` for a batch from one channel, in any order: every delivery rerouted as it
+    /// says, then one multiple-ack up to the batch's latest delivery.
+    pub async fn dispose_batch<'d>(
+        &self,
+        stream: Stream,
+        batch: impl IntoIterator<Item = (&'d Delivery, Disposition)>,
+    ) -> anyhow::Result<()> {
+        let mut latest: Option<&Delivery> = None;
+        for (delivery, disposition) in batch {
+            self.reroute(stream, delivery, disposition).await?;
+            latest = latest.filter(|l| l.delivery_tag > delivery.delivery_tag).or(Some(delivery));
+        }
+        if let Some(latest) = latest {
+            latest.acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a retry of this delivery would be its last chance: no rung left after it.
+    pub fn retries_exhausted(&self, stream: Stream, delivery: &Delivery) -> bool {
+        self.topology.retry_queue(stream, attempt(delivery) as usize).is_none()
+    }
+
+    async fn reroute(&self, stream: Stream, delivery: &Delivery, disposition: Disposition) -> Result<(), PublishError> {
+        let (cause, extra) = match disposition {
+            Disposition::Done => return Ok(()),
+            Disposition::Dead(reason) => return self.publish_dead(stream, delivery, &reason, Vec::new()).await,
+            Disposition::Retry { cause, headers } => (cause, headers),
+        };
+        let attempt = attempt(delivery);
+        let Some(queue) = self.topology.retry_queue(stream, attempt as usize) else {
+            let reason = DeadReason::RetriesExhausted { retries: attempt - 1, cause };
+            return self.publish_dead(stream, delivery, &reason, extra).await;
+        };
+        let reason = cause.to_string();
+        tracing::info!(stream = stream.name(), attempt, reason, "retrying a message later");
+        metrics::counter!("smsflow_retries_total", "stream" => stream.name(), "reason" => cause.label()).increment(1);
+        let mut headers = vec![
+            (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)),
+            (DEAD_LETTER_REASON_HEADER, header_text(&reason)),
+        ];
+        headers.extend(extra);
+        self.publisher.publish_to("", &queue, &delivery.data, with_headers(delivery, &headers)).await
     }
 
     async fn publish_dead(
         &self,
         stream: Stream,
         delivery: &Delivery,
-        reason: &str,
-        headers: &[(&str, AMQPValue)],
+        reason: &DeadReason,
+        extra: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
-        tracing::warn!(stream = stream.name(), reason, "dead-lettering a message");
-        metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => reason_kind(reason))
+        let text = reason.to_string();
+        tracing::warn!(stream = stream.name(), reason = %text, "dead-lettering a message");
+        metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => reason.label())
             .increment(1);
-        let properties = with_headers(delivery, headers);
+        let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&text))];
+        headers.extend(extra);
         self.publisher
-            .publish_to(&self.topology.dead_letter_exchange(), stream.name(), &delivery.data, properties)
+            .publish_to(
+                &self.topology.dead_letter_exchange(),
+                stream.name(),
+                &delivery.data,
+                with_headers(delivery, &headers),
+            )
             .await
     }
-
-    /// Sends a delivery to the next rung of the retry ladder, or dead-letters it past the last.
-    pub async fn retry_later(
-        &self,
-        stream: Stream,
-        delivery: &Delivery,
-        reason: &str,
-    ) -> Result<Rerouted, PublishError> {
-        self.retry_later_with(stream, delivery, reason, &[]).await
-    }
-
-    /// `retry_later`, adding headers that the delivery carries from now on.
-    pub async fn retry_later_with(
-        &self,
-        stream: Stream,
-        delivery: &Delivery,
-        reason: &str,
-        extra: &[(&str, AMQPValue)],
-    ) -> Result<Rerouted, PublishError> {
-        let attempt = get_int(delivery.properties.headers().as_ref(), RETRY_COUNT_HEADER).unwrap_or(0) + 1;
-        match self.topology.retry_queue(stream, attempt as usize) {
-            Some(queue) => {
-                tracing::info!(stream = stream.name(), attempt, reason, "retrying a message later");
-                metrics::counter!("smsflow_retries_total", "stream" => stream.name(), "reason" => reason_kind(reason))
-                    .increment(1);
-                let mut headers = vec![
-                    (RETRY_COUNT_HEADER, AMQPValue::LongLongInt(attempt)),
-                    (DEAD_LETTER_REASON_HEADER, header_text(reason)),
-                ];
-                headers.extend(extra.iter().cloned());
-                let properties = with_headers(delivery, &headers);
-                self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
-                Ok(Rerouted::RetryScheduled { attempt })
-            }
-            None => {
-                let reason = format!("gave up after {} retries: {reason}", attempt - 1);
-                let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&reason))];
-                headers.extend(extra.iter().cloned());
-                self.publish_dead(stream, delivery, &reason, &headers).await?;
-                Ok(Rerouted::DeadLettered)
-            }
-        }
-    }
 }
 
-/// Every dead-letter series at zero from the start: an alert on `increase()` sees the first
-/// dead letter, which a series born at 1 would hide.
+/// This delivery's attempt number if it is retried now (its first retry is attempt 1).
+fn attempt(delivery: &Delivery) -> i64 {
+    get_int(delivery.properties.headers().as_ref(), RETRY_COUNT_HEADER).unwrap_or(0) + 1
+}
+
+/// Every dead-letter and retry series at zero from the start: an alert on `increase()` sees
+/// the first one, which a series born at 1 would hide.
 pub fn register_metrics() {
     for stream in Stream::ALL {
-        for kind in DEAD_LETTER_KINDS.iter().map(|(_, kind)| *kind).chain(["other"]) {
-            metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => kind).increment(0);
+        for reason in DeadReason::LABELS {
+            metrics::counter!("smsflow_dead_letters_total", "stream" => stream.name(), "reason" => reason).increment(0);
+        }
+        for reason in RetryCause::LABELS {
+            metrics::counter!("smsflow_retries_total", "stream" => stream.name(), "reason" => reason).increment(0);
         }
     }
 }
-
-/// A bounded label for a free-text reason (metrics must not grow a series per message).
-fn reason_kind(reason: &str) -> &'static str {
-    DEAD_LETTER_KINDS.iter().find(|(prefix, _)| reason.starts_with(prefix)).map_or("other", |(_, kind)| kind)
-}
-
-const DEAD_LETTER_KINDS: [(&str, &str); 12] = [
-    ("idempotency conflict", "idempotency_conflict"),
-    ("not a JSON", "not_json"),
-    ("unsupported", "schema"),
-    ("callback has no", "missing_field"),
-    ("inbound message has no", "missing_field"),
-    ("unknown status", "unknown_status"),
-    ("invalid send job", "invalid_job"),
-    ("not a valid send job", "invalid_job"),
-    ("refused by the database", "database_refused"),
-    ("database", "database_unavailable"),
-    ("gave up after", "retries_exhausted"),
-    ("Plivo", "plivo"),
-];
 
 fn header_text(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text))
@@ -284,4 +392,51 @@ fn with_headers(delivery: &Delivery, extra: &[(&str, AMQPValue)]) -> lapin::Basi
         headers.insert((*key).into(), value.clone());
     }
     delivery.properties.clone().with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each reason's metric label comes from its type, whatever its text says.
+    #[test]
+    fn every_dead_reason_has_its_own_label() {
+        let text = || "database unavailable: Plivo said so".to_owned();
+        let cases = [
+            (DeadReason::NotJson(text()), "not_json"),
+            (DeadReason::Schema(text()), "schema"),
+            (DeadReason::MissingField(text()), "missing_field"),
+            (DeadReason::UnknownStatus(text()), "unknown_status"),
+            (DeadReason::InvalidJob(text()), "invalid_job"),
+            (DeadReason::IdempotencyConflict(text()), "idempotency_conflict"),
+            (DeadReason::DatabaseRefused(text()), "database_refused"),
+            (DeadReason::RetriesExhausted { retries: 5, cause: RetryCause::Plivo(text()) }, "retries_exhausted"),
+        ];
+        let labels: std::collections::BTreeSet<&str> = cases.iter().map(|(reason, _)| reason.label()).collect();
+        assert_eq!(labels.len(), DeadReason::LABELS.len(), "one label per reason");
+        for (reason, label) in &cases {
+            assert_eq!(reason.label(), *label, "{reason:?}");
+            assert!(DeadReason::LABELS.contains(label), "{label} is registered at zero");
+        }
+        assert_eq!(
+            DeadReason::DatabaseRefused("duplicate key".into()).to_string(),
+            "refused by the database: duplicate key"
+        );
+        let exhausted =
+            DeadReason::RetriesExhausted { retries: 5, cause: RetryCause::DatabaseUnavailable("gone".into()) };
+        assert_eq!(exhausted.to_string(), "gave up after 5 retries: database unavailable: gone");
+    }
+
+    #[test]
+    fn every_retry_cause_has_its_own_label() {
+        let cases = [
+            (RetryCause::DatabaseUnavailable("x".into()), "database_unavailable"),
+            (RetryCause::Plivo("cannot connect to Plivo".into()), "plivo"),
+            (RetryCause::InterruptedCall, "interrupted_call"),
+        ];
+        for (cause, label) in &cases {
+            assert_eq!(cause.label(), *label);
+            assert!(RetryCause::LABELS.contains(label));
+        }
+    }
 }

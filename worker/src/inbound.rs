@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
@@ -22,7 +21,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Rerouter, Session, SessionEnd};
+use crate::broker::{self, DeadReason, Disposition, Rerouter, Session, SessionEnd};
 use crate::storage;
 
 /// What an inbound message asks for.
@@ -68,16 +67,18 @@ fn uuid_time(raw: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(secs) * 1_000_000_000 + i128::from(nanos)).ok()
 }
 
-pub fn parse(payload: &[u8]) -> Result<InboundMessage, String> {
+pub fn parse(payload: &[u8]) -> Result<InboundMessage, DeadReason> {
     let event: CallbackEvent = serde_json::from_slice(payload)
-        .map_err(|e| format!("not a JSON callback event: {}", shared::redact::json_error(&e)))?;
+        .map_err(|e| DeadReason::NotJson(format!("not a JSON callback event: {}", shared::redact::json_error(&e))))?;
     if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
-        return Err(format!("unsupported schema {:?} version {}", event.schema, event.version));
+        return Err(DeadReason::Schema(format!("unsupported schema {:?} version {}", event.schema, event.version)));
     }
     let field = |key: &str| event.param(key).map(str::trim).filter(|v| !v.is_empty());
-    let message_uuid = field("MessageUUID").ok_or("inbound message has no MessageUUID")?.to_owned();
-    let sender = their_identity(field("From").ok_or("inbound message has no From")?);
-    let recipient = party_identity(field("To").ok_or("inbound message has no To")?);
+    let required =
+        |key: &str| field(key).ok_or_else(|| DeadReason::MissingField(format!("inbound message has no {key}")));
+    let message_uuid = required("MessageUUID")?.to_owned();
+    let sender = their_identity(required("From")?);
+    let recipient = party_identity(required("To")?);
     let sent_at = field("MessageTime")
         .and_then(crate::status::event::parse_plivo_time)
         .or_else(|| uuid_time(&message_uuid))
@@ -157,26 +158,19 @@ impl InboundPipeline {
     }
 
     async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
-        match parse(&delivery.data) {
-            Err(reason) => self.rerouter.dead_letter(Stream::Inbound, delivery, &reason).await?,
+        let disposition = match parse(&delivery.data) {
+            Err(reason) => Disposition::Dead(reason),
             Ok(message) => match storage::inbound::record(&self.pool, &message).await {
                 Ok(first_time) => {
                     if first_time && message.consent != Consent::None {
                         tracing::info!(sender = %shared::redact::phone(&message.sender), consent = ?message.consent, "consent recorded");
                     }
+                    Disposition::Done
                 }
-                Err(e) if storage::is_transient(&e) => {
-                    self.rerouter.retry_later(Stream::Inbound, delivery, &format!("database unavailable: {e}")).await?;
-                }
-                Err(e) => {
-                    self.rerouter
-                        .dead_letter(Stream::Inbound, delivery, &format!("refused by the database: {e}"))
-                        .await?
-                }
+                Err(e) => storage::disposition_of(e),
             },
-        }
-        delivery.acker.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        };
+        self.rerouter.dispose(Stream::Inbound, delivery, disposition).await
     }
 }
 

@@ -189,6 +189,16 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     Ok(BatchOutcome { messages_advanced: advanced, events_recorded: recorded })
 }
 
+/// What a failed write means for its delivery: an outage is retried later, a refusal is for good.
+pub fn disposition_of(error: sqlx::Error) -> crate::broker::Disposition {
+    use crate::broker::{DeadReason, Disposition, RetryCause};
+    if is_transient(&error) {
+        Disposition::retry(RetryCause::DatabaseUnavailable(error.to_string()))
+    } else {
+        Disposition::Dead(DeadReason::DatabaseRefused(error.to_string()))
+    }
+}
+
 /// Whether retrying the same statement later can succeed.
 pub fn is_transient(error: &sqlx::Error) -> bool {
     match error {

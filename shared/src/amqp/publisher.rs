@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::Notify;
@@ -190,15 +189,7 @@ async fn establish(inner: &Inner) -> anyhow::Result<Live> {
 }
 
 async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
-    let new_backoff = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut backoff = new_backoff();
+    let mut backoff = super::reconnect_backoff();
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -209,7 +200,7 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
                 *inner.live.write().unwrap_or_else(|e| e.into_inner()) = Some(live.clone());
                 inner.connected.notify_waiters();
                 tracing::info!(connection = %inner.name, "connected to RabbitMQ");
-                backoff = new_backoff();
+                backoff = super::reconnect_backoff();
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use backon::Retryable as _;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int, get_str};
@@ -30,16 +29,60 @@ use tracing::Instrument as _;
 
 use self::plivo::{PlivoClient, SendOutcome};
 use self::ratelimit::SenderRateLimiter;
-use crate::broker::{self, Rerouted, Rerouter, Session, SessionEnd};
+use crate::broker::{self, DeadReason, Disposition, Rerouter, RetryCause, Session, SessionEnd};
 use crate::storage::sending::{self as store, Recorded};
+
+/// The values of `smsflow_send_outcomes_total`'s `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Submitted,
+    /// Plivo refused the message (a 4xx other than 429): it ends `failed` at once.
+    Refused,
+    /// Sent, or maybe sent, but the outcome could not be learned (at-most-once: not resent).
+    Unknown,
+    /// Never sent: every retry of the ladder used up.
+    Failed,
+    OptedOut,
+    Duplicate,
+    RetryScheduled,
+    IdempotencyConflict,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Self::Submitted,
+        Self::Refused,
+        Self::Unknown,
+        Self::Failed,
+        Self::OptedOut,
+        Self::Duplicate,
+        Self::RetryScheduled,
+        Self::IdempotencyConflict,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Submitted => "submitted",
+            Self::Refused => "refused",
+            Self::Unknown => "unknown",
+            Self::Failed => "failed",
+            Self::OptedOut => "opted_out",
+            Self::Duplicate => "duplicate",
+            Self::RetryScheduled => "retry_scheduled",
+            Self::IdempotencyConflict => "idempotency_conflict",
+        }
+    }
+
+    fn count(self) {
+        metrics::counter!("smsflow_send_outcomes_total", "outcome" => self.label()).increment(1);
+    }
+}
 
 /// Every `smsflow_send_outcomes_total` series at zero from the start, so that an alert on the
 /// first `unknown` fires.
 pub fn register_metrics() {
-    for outcome in
-        ["submitted", "unknown", "failed", "opted_out", "duplicate", "retry_scheduled", "idempotency_conflict"]
-    {
-        metrics::counter!("smsflow_send_outcomes_total", "outcome" => outcome).increment(0);
+    for outcome in Outcome::ALL {
+        metrics::counter!("smsflow_send_outcomes_total", "outcome" => outcome.label()).increment(0);
     }
 }
 
@@ -102,51 +145,33 @@ impl SendPipeline {
         end
     }
 
-    /// Processes one job. Database trouble stays with this job: a transient failure sends it
-    /// through the retry ladder, a refusal dead-letters it. Only broker errors (the job could not
-    /// be acked or rerouted) end the session, and the broker then redelivers.
+    /// Processes one job and disposes of it. Database trouble stays with this job: an outage
+    /// sends it through the retry ladder, a refusal dead-letters it. Only broker errors (the job
+    /// could not be rerouted or acked) end the session, and the broker then redelivers.
     async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
-        let error = match self.process(&delivery).await {
-            Ok(()) => return Ok(()),
-            Err(error) => error,
-        };
-        let Some(db_error) = error.downcast_ref::<sqlx::Error>() else { return Err(error) };
-        let reason = format!("database: {db_error}");
-        if crate::storage::is_transient(db_error) {
-            self.rerouter.retry_later(Stream::Send, &delivery, &reason).await?;
-        } else {
-            self.rerouter.dead_letter(Stream::Send, &delivery, &reason).await?;
-        }
-        ack(&delivery).await
+        let disposition = self.process(&delivery).await.unwrap_or_else(crate::storage::disposition_of);
+        self.rerouter.dispose(Stream::Send, &delivery, disposition).await
     }
 
-    /// Processes one job and acks it. An error means it was not acked.
-    async fn process(&self, delivery: &Delivery) -> anyhow::Result<()> {
+    /// What to do with one job, having done what it asks (an error: a database write failed).
+    async fn process(&self, delivery: &Delivery) -> Result<Disposition, sqlx::Error> {
         let job = match parse(delivery) {
             Ok(job) => job,
-            Err(reason) => {
-                self.rerouter.dead_letter(Stream::Send, delivery, &reason).await?;
-                return ack(delivery).await;
-            }
+            Err(reason) => return Ok(Disposition::Dead(reason)),
         };
         let valid = match job.validate(&self.settings.plivo.default_sender) {
             Ok(valid) => valid,
-            Err(e) => {
-                self.rerouter.dead_letter(Stream::Send, delivery, &format!("invalid send job: {e}")).await?;
-                return ack(delivery).await;
-            }
+            Err(e) => return Ok(Disposition::Dead(DeadReason::InvalidJob(format!("invalid send job: {e}")))),
         };
         let id = valid.id;
         tracing::Span::current().record("smsflow.message_id", tracing::field::display(id));
         if store::record_job(&self.pool, &valid).await? == Recorded::Conflict {
-            let reason = format!(
+            Outcome::IdempotencyConflict.count();
+            tracing::warn!(message_id = %id, "send job reuses an id with other content; dead-lettered");
+            return Ok(Disposition::Dead(DeadReason::IdempotencyConflict(format!(
                 "idempotency conflict: job id {id} was already used for a message with other content \
                  (recipient, sender, text or options); not sent"
-            );
-            self.rerouter.dead_letter(Stream::Send, delivery, &reason).await?;
-            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "idempotency_conflict").increment(1);
-            tracing::warn!(message_id = %id, "send job reuses an id with other content; dead-lettered");
-            return ack(delivery).await;
+            ))));
         }
 
         if store::is_opted_out(&self.pool, valid.to.as_str(), &valid.sender).await? {
@@ -155,9 +180,9 @@ impl SendPipeline {
             if !store::reject_unclaimed(&self.pool, id, "opted_out").await? {
                 return self.not_claimed(delivery, &valid).await;
             }
-            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "opted_out").increment(1);
+            Outcome::OptedOut.count();
             tracing::info!(message_id = %id, to = %valid.to.masked(), "recipient opted out; not sent");
-            return ack(delivery).await;
+            return Ok(Disposition::Done);
         }
 
         let waited = self.limiter.acquire(valid.sender.as_str()).await;
@@ -171,7 +196,7 @@ impl SendPipeline {
 
     /// The job's row was not `accepted`: a duplicate, or this very delivery again after an
     /// interrupted attempt (redelivered by the broker, or back from the retry ladder).
-    async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> anyhow::Result<()> {
+    async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> Result<Disposition, sqlx::Error> {
         let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
         let headers = delivery.properties.headers().as_ref();
         if status == "sending"
@@ -179,7 +204,7 @@ impl SendPipeline {
         {
             // Plivo accepted it on an earlier attempt whose write did not get through.
             self.record_submitted(valid.id, Some(message_uuid).filter(|u| !u.is_empty())).await?;
-            return ack(delivery).await;
+            return Ok(Disposition::Done);
         }
         let seen_before = delivery.redelivered
             || [RETRY_COUNT_HEADER, REPLAY_COUNT_HEADER].iter().any(|h| get_int(headers, h).unwrap_or(0) > 0);
@@ -188,19 +213,19 @@ impl SendPipeline {
                 DeliveryGuarantee::AtMostOnce => {
                     let reason = "a worker stopped during the Plivo call; not resent (at-most-once)";
                     store::mark_unknown(&self.pool, valid.id, reason).await?;
-                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "unknown").increment(1);
+                    Outcome::Unknown.count();
                     tracing::warn!(message_id = %valid.id, "send outcome unknown: {reason}");
                 }
                 DeliveryGuarantee::AtLeastOnce => {
                     store::release_for_retry(&self.pool, valid.id, "resending after an interrupted call").await?;
-                    self.rerouter.retry_later(Stream::Send, delivery, "interrupted call; at-least-once").await?;
+                    return Ok(Disposition::retry(RetryCause::InterruptedCall));
                 }
             }
         } else {
-            metrics::counter!("smsflow_send_outcomes_total", "outcome" => "duplicate").increment(1);
+            Outcome::Duplicate.count();
             tracing::info!(message_id = %valid.id, status, "duplicate send job; not sent again");
         }
-        ack(delivery).await
+        Ok(Disposition::Done)
     }
 
     /// Plivo has the message: a database blip must not turn it into `unknown` (or, at-least-once,
@@ -212,7 +237,7 @@ impl SendPipeline {
             .when(crate::storage::is_transient)
             .notify(|e, wait| tracing::warn!(message_id = %id, error = %e, ?wait, "recording the submission failed; retrying"))
             .await?;
-        metrics::counter!("smsflow_send_outcomes_total", "outcome" => "submitted").increment(1);
+        Outcome::Submitted.count();
         if let Some(uuid) = message_uuid {
             tracing::Span::current().record("plivo.message_uuid", uuid);
         }
@@ -242,8 +267,13 @@ impl SendPipeline {
         retried.unwrap_or_else(|reason| SendOutcome::NotSent { reason })
     }
 
-    /// Writes the outcome, then acks. Nothing is acked before its outcome is committed.
-    async fn record(&self, delivery: &Delivery, valid: &ValidSend, outcome: SendOutcome) -> anyhow::Result<()> {
+    /// Writes the outcome; the job is acked (or rerouted) only after it is committed.
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        valid: &ValidSend,
+        outcome: SendOutcome,
+    ) -> Result<Disposition, sqlx::Error> {
         let id = valid.id;
         match outcome {
             SendOutcome::Accepted { message_uuid } => {
@@ -253,10 +283,10 @@ impl SendPipeline {
                         // Plivo's answer, and its redelivery records it instead of deciding the
                         // call was interrupted (which would be `unknown`, or a second SMS).
                         let accepted = AMQPValue::LongString(message_uuid.unwrap_or_default().into());
-                        let reason = format!("database: {e}");
-                        self.rerouter
-                            .retry_later_with(Stream::Send, delivery, &reason, &[(PLIVO_ACCEPTED_HEADER, accepted)])
-                            .await?;
+                        return Ok(Disposition::Retry {
+                            cause: RetryCause::DatabaseUnavailable(e.to_string()),
+                            headers: vec![(PLIVO_ACCEPTED_HEADER, accepted)],
+                        });
                     }
                     other => other?,
                 }
@@ -264,39 +294,40 @@ impl SendPipeline {
             SendOutcome::Refused { status, error } => {
                 store::finish(&self.pool, id, "failed", &format!("Plivo refused the message ({status}): {error}"))
                     .await?;
+                Outcome::Refused.count();
                 tracing::warn!(message_id = %id, status, "Plivo refused the message");
             }
             SendOutcome::Unknown { reason } if self.settings.sending.delivery == DeliveryGuarantee::AtMostOnce => {
                 store::mark_unknown(&self.pool, id, &reason).await?;
-                metrics::counter!("smsflow_send_outcomes_total", "outcome" => "unknown").increment(1);
+                Outcome::Unknown.count();
                 tracing::warn!(message_id = %id, reason, "send outcome unknown; not resent (at-most-once)");
             }
             SendOutcome::NotSent { reason } | SendOutcome::Unknown { reason } => {
-                store::release_for_retry(&self.pool, id, &reason).await?;
-                if self.rerouter.retry_later(Stream::Send, delivery, &reason).await? == Rerouted::DeadLettered {
+                // Past the ladder's last rung the retry is a dead letter: the job ends `failed`.
+                if self.rerouter.retries_exhausted(Stream::Send, delivery) {
                     store::finish(&self.pool, id, "failed", &format!("gave up: {reason}")).await?;
-                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "failed").increment(1);
+                    Outcome::Failed.count();
                 } else {
-                    metrics::counter!("smsflow_send_outcomes_total", "outcome" => "retry_scheduled").increment(1);
+                    store::release_for_retry(&self.pool, id, &reason).await?;
+                    Outcome::RetryScheduled.count();
                 }
+                return Ok(Disposition::retry(RetryCause::Plivo(reason)));
             }
         }
-        ack(delivery).await
+        Ok(Disposition::Done)
     }
 }
 
-fn parse(delivery: &Delivery) -> Result<SendJob, String> {
+fn parse(delivery: &Delivery) -> Result<SendJob, DeadReason> {
     let version = get_int(delivery.properties.headers().as_ref(), SCHEMA_VERSION_HEADER);
     if version.is_some_and(|v| v != i64::from(SendJob::VERSION)) {
-        return Err(format!("unsupported send job version {version:?} (expected {})", SendJob::VERSION));
+        return Err(DeadReason::Schema(format!(
+            "unsupported send job version {version:?} (expected {})",
+            SendJob::VERSION
+        )));
     }
     serde_json::from_slice::<SendJob>(&delivery.data)
-        .map_err(|e| format!("not a valid send job: {}", shared::redact::json_error(&e)))
-}
-
-async fn ack(delivery: &Delivery) -> anyhow::Result<()> {
-    delivery.acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
+        .map_err(|e| DeadReason::InvalidJob(format!("not a valid send job: {}", shared::redact::json_error(&e))))
 }
 
 fn task_error(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {

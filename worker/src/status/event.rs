@@ -54,6 +54,18 @@ pub enum Poison {
     UnknownStatus(String),
 }
 
+impl From<Poison> for crate::broker::DeadReason {
+    fn from(poison: Poison) -> Self {
+        let text = poison.to_string();
+        match poison {
+            Poison::NotJson(_) => Self::NotJson(text),
+            Poison::WrongSchema { .. } => Self::Schema(text),
+            Poison::NoMessageUuid | Poison::NoStatus => Self::MissingField(text),
+            Poison::UnknownStatus(_) => Self::UnknownStatus(text),
+        }
+    }
+}
+
 pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
     let event: CallbackEvent =
         serde_json::from_slice(payload).map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))?;

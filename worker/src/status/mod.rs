@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use backon::Retryable as _;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
 use sqlx::PgPool;
@@ -16,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::broker::{self, Rerouter, Session, SessionEnd};
+use crate::broker::{self, Disposition, Rerouter, RetryCause, Session, SessionEnd};
 use crate::storage::{self, BatchOutcome};
 
 /// Everything the status pipeline needs.
@@ -88,16 +87,16 @@ impl StatusPipeline {
         }
     }
 
-    /// Writes a batch and acks it with one multiple-ack. Poison goes to the dead-letter queue,
-    /// transient failures to the retry ladder (both confirmed before the ack). An error here
-    /// means nothing was acked: the broker will redeliver, and every write is idempotent.
+    /// Writes a batch, then disposes of it: poison to the dead-letter queue, transient failures
+    /// to the retry ladder, one multiple-ack. An error here means nothing was acked: the broker
+    /// will redeliver, and every write is idempotent.
     async fn process(&self, batch: &[Delivery]) -> anyhow::Result<()> {
-        let Some(last) = batch.last() else { return Ok(()) };
+        let mut dispositions = Vec::with_capacity(batch.len());
         let mut parsed = Vec::with_capacity(batch.len());
         for delivery in batch {
             match event::parse(&delivery.data) {
                 Ok(update) => parsed.push((delivery, update)),
-                Err(poison) => self.rerouter.dead_letter(Stream::Status, delivery, &poison.to_string()).await?,
+                Err(poison) => dispositions.push((delivery, Disposition::Dead(poison.into()))),
             }
         }
         let (deliveries, updates): (Vec<&Delivery>, Vec<event::StatusUpdate>) = parsed.into_iter().unzip();
@@ -116,35 +115,26 @@ impl StatusPipeline {
                     }
                 }
                 metrics::counter!("smsflow_events_recorded_total").increment(outcome.events_recorded);
-                tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed")
+                tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed");
+                dispositions.extend(deliveries.into_iter().map(|d| (d, Disposition::Done)));
             }
             Err(e) if storage::is_transient(&e) => {
-                for delivery in &deliveries {
-                    self.rerouter.retry_later(Stream::Status, delivery, &format!("database unavailable: {e}")).await?;
-                }
+                let cause = RetryCause::DatabaseUnavailable(e.to_string());
+                dispositions.extend(deliveries.into_iter().map(|d| (d, Disposition::retry(cause.clone()))));
             }
             Err(e) => {
                 // Something in the batch is refused by the database: find it, write the rest.
                 tracing::warn!(error = %e, "status batch refused; writing its events one by one");
-                for (delivery, update) in deliveries.iter().zip(&updates) {
-                    match self.write(std::slice::from_ref(update)).await {
-                        Ok(_) => {}
-                        Err(e) if storage::is_transient(&e) => {
-                            self.rerouter
-                                .retry_later(Stream::Status, delivery, &format!("database unavailable: {e}"))
-                                .await?;
-                        }
-                        Err(e) => {
-                            self.rerouter
-                                .dead_letter(Stream::Status, delivery, &format!("refused by the database: {e}"))
-                                .await?
-                        }
-                    }
+                for (delivery, update) in deliveries.into_iter().zip(&updates) {
+                    let disposition = match self.write(std::slice::from_ref(update)).await {
+                        Ok(_) => Disposition::Done,
+                        Err(e) => storage::disposition_of(e),
+                    };
+                    dispositions.push((delivery, disposition));
                 }
             }
         }
-        last.acker.ack(BasicAckOptions { multiple: true }).await?;
-        Ok(())
+        self.rerouter.dispose_batch(Stream::Status, dispositions).await
     }
 
     /// A few quick in-process retries for transient failures; longer outages go to the ladder.
