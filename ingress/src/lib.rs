@@ -144,10 +144,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                         tracing::info_span!(
                             "http request",
                             otel.kind = "server",
-                            otel.name = %format!("{} {route}", request.method()),
-                            http.request.method = %request.method(),
+                            otel.name = %format!("{} {route}", method_label(request.method())),
+                            http.request.method = method_label(request.method()),
                             http.route = %route,
-                            url.path = %request.uri().path(),
                             http.response.status_code = tracing::field::Empty,
                             request_id = %request_id,
                         )
@@ -186,17 +185,7 @@ async fn record_http_metrics(
 ) -> axum::response::Response {
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    // Any method a client invents would otherwise become a series of its own, forever.
-    let method: &'static str = match *request.method() {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    };
+    let method = method_label(request.method());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
@@ -207,8 +196,96 @@ async fn record_http_metrics(
     response
 }
 
+/// The method as a metric label or span name: any method a client invents would otherwise
+/// become a series (or span name) of its own, forever.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
 async fn not_found() -> IngressError {
     IngressError::NotFound
+}
+
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// A connection whose writes make no progress for `timeout` fails with `TimedOut`, and hyper
+/// then closes it: hyper has no write timeout, so a client that never reads its answer would
+/// otherwise hold its connection slot (and delay shutdown) for ever.
+struct WriteDeadline {
+    inner: tokio::net::TcpStream,
+    timeout: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(inner: tokio::net::TcpStream, timeout: Duration) -> Self {
+        Self { inner, timeout, stalled: None }
+    }
+
+    /// Arms the deadline while `progress` is pending, clears it once it is not.
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        progress: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if progress.is_ready() {
+            self.stalled = None;
+            return progress;
+        }
+        let timeout = self.timeout;
+        let stalled = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteDeadline {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, progress)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, progress)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let progress = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, progress)
+    }
 }
 
 /// Serves `app` until `shutdown`, then waits for the open connections to finish their requests.
@@ -220,6 +297,7 @@ async fn serve(
     listener: TcpListener,
     app: Router,
     header_read_timeout: Duration,
+    write_timeout: Duration,
     max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -232,7 +310,9 @@ async fn serve(
     // the first bytes with no timer, and an HTTP/2 connection has no idle timeout, so either
     // would let a silent client hold a slot forever.
     let mut builder = Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    // The read buffer bounds a request's head (hyper's default is ~400 KiB per connection);
+    // a GET callback with a long SMS in its query fits in 64 KiB many times over.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -260,6 +340,7 @@ async fn serve(
             continue; // dropping the stream closes it
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteDeadline::new(stream, write_timeout);
         let Ok(service) = make_service.call(peer).await;
         let service = service.map_request(|request: Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
         let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)).into_owned();
@@ -300,15 +381,18 @@ pub async fn run(
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
     let header_read_timeout = Duration::from_millis(settings.http.header_read_timeout_ms);
+    // An answer that cannot be written within the request timeout is abandoned with its connection.
+    let write_timeout = Duration::from_millis(settings.http.request_timeout_ms);
     let admin = admin.map(|admin| {
         let app = Router::new()
             .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
             .route("/healthz", get(routes::health::healthz));
         // The same protections as the public port, with room for a few scrapers only.
-        tokio::spawn(serve(admin, app, header_read_timeout, ADMIN_MAX_CONNECTIONS, shutdown.clone()))
+        tokio::spawn(serve(admin, app, header_read_timeout, write_timeout, ADMIN_MAX_CONNECTIONS, shutdown.clone()))
     });
 
-    let server = serve(listener, app, header_read_timeout, settings.http.max_connections, shutdown.clone());
+    let server =
+        serve(listener, app, header_read_timeout, write_timeout, settings.http.max_connections, shutdown.clone());
     tokio::pin!(server);
     let outcome = tokio::select! {
         result = &mut server => result.map_err(anyhow::Error::from),

@@ -3,7 +3,7 @@
 //! Per instance and bounded: the worker's dedupe of identical callbacks stays the guarantee
 //! across instances; this only keeps replay floods off the broker and the database.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ pub struct ReplayCache {
 
 #[derive(Default)]
 struct Seen {
+    /// Being published now (at most one entry per request in progress).
+    in_flight: HashSet<[u8; 32]>,
     at: HashMap<[u8; 32], Instant>,
     /// Insertion order, for eviction: the oldest entries go first.
     order: VecDeque<[u8; 32]>,
@@ -40,14 +42,22 @@ impl ReplayCache {
         hasher.finalize().into()
     }
 
-    /// Whether this request was queued here within the TTL.
-    pub fn seen(&self, key: &[u8; 32]) -> bool {
-        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        seen.at.get(key).is_some_and(|at| at.elapsed() < self.ttl)
+    /// What to do with a verified request: publish it (holding the returned guard until it is
+    /// confirmed), answer it as already queued, or refuse it while a copy is being published
+    /// (concurrent copies would otherwise all pass the check and all be published).
+    pub fn begin(&self, key: [u8; 32]) -> Begin<'_> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.at.get(&key).is_some_and(|at| at.elapsed() < self.ttl) {
+            return Begin::Queued;
+        }
+        if !seen.in_flight.insert(key) {
+            return Begin::InFlight;
+        }
+        Begin::Fresh(Publishing { cache: self, key, queued: false })
     }
 
     /// Remembers a request once it is durably queued.
-    pub fn remember(&self, key: [u8; 32]) {
+    fn remember(&self, key: [u8; 32]) {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some(oldest) = seen.order.front().copied() {
@@ -64,9 +74,56 @@ impl ReplayCache {
     }
 }
 
+pub enum Begin<'a> {
+    Fresh(Publishing<'a>),
+    Queued,
+    InFlight,
+}
+
+/// A request being published; dropped without `queued` (a failed or abandoned publish), it is
+/// forgotten, so its next copy is published.
+pub struct Publishing<'a> {
+    cache: &'a ReplayCache,
+    key: [u8; 32],
+    queued: bool,
+}
+
+impl Publishing<'_> {
+    pub fn queued(mut self) {
+        self.queued = true;
+    }
+}
+
+impl Drop for Publishing<'_> {
+    fn drop(&mut self) {
+        if self.queued {
+            self.cache.remember(self.key);
+        }
+        self.cache.seen.lock().unwrap_or_else(|e| e.into_inner()).in_flight.remove(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl ReplayCache {
+        fn seen(&self, key: &[u8; 32]) -> bool {
+            matches!(self.begin(*key), Begin::Queued)
+        }
+    }
+
+    #[test]
+    fn a_copy_arriving_while_the_first_is_published_is_refused_and_a_failed_publish_is_forgotten() {
+        let cache = ReplayCache::new(Duration::from_secs(60), 10);
+        let key = ReplayCache::key("v3", "POST", "u", &[], "n");
+        let Begin::Fresh(first) = cache.begin(key) else { panic!("the first copy is published") };
+        assert!(matches!(cache.begin(key), Begin::InFlight), "a concurrent copy waits its turn");
+        drop(first); // the publish failed
+        let Begin::Fresh(again) = cache.begin(key) else { panic!("a failed publish is not remembered") };
+        again.queued();
+        assert!(matches!(cache.begin(key), Begin::Queued), "once queued, copies are answered as queued");
+    }
 
     #[test]
     fn remembers_within_its_ttl_and_its_capacity() {

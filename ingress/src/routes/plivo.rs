@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::read_body;
 use crate::AppState;
 use crate::error::IngressError;
-use crate::replay::ReplayCache;
+use crate::replay::{Begin, ReplayCache};
 
 pub async fn status_callback(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     counted(Stream::Status, accept(&state, Stream::Status, request).await)
@@ -97,9 +97,17 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         .verify(&sig_headers, parts.method.as_str(), &url, &body_params)
         .map_err(|e| refused(state, e))?;
 
-    let nonce = if scheme == Scheme::V2 { sig_headers.v2_nonce } else { sig_headers.v3_nonce };
-    let replay_key =
-        ReplayCache::key(scheme.as_str(), parts.method.as_str(), &url, &body_params, nonce.unwrap_or_default());
+    // The replay key covers what the signature proved: V3 signs the method, URL, form and
+    // nonce; V2 only the URL without its query, and the nonce.
+    let replay_key = match scheme {
+        Scheme::V3 => {
+            ReplayCache::key("v3", parts.method.as_str(), &url, &body_params, sig_headers.v3_nonce.unwrap_or_default())
+        }
+        Scheme::V2 => {
+            let signed_url = format!("{}{}", state.public_base_url, parts.uri.path());
+            ReplayCache::key("v2", "", &signed_url, &[], sig_headers.v2_nonce.unwrap_or_default())
+        }
+    };
     let reference = query.iter().find(|(k, _)| k == "ref").map(|(_, v)| v.clone());
     let params: Vec<(String, String)> =
         if is_get { query.iter().filter(|(k, _)| k != "ref").cloned().collect() } else { body_params };
@@ -112,10 +120,19 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
             "a POST callback carries its fields in a form body; this one has none".into()
         }));
     }
-    if state.replays.seen(&replay_key) {
-        metrics::counter!("smsflow_callback_replays_total", "stream" => stream.name()).increment(1);
-        return Ok(StatusCode::OK);
-    }
+    let publishing = match state.replays.begin(replay_key) {
+        Begin::Fresh(publishing) => publishing,
+        Begin::Queued => {
+            metrics::counter!("smsflow_callback_replays_total", "stream" => stream.name()).increment(1);
+            return Ok(StatusCode::OK);
+        }
+        Begin::InFlight => {
+            return Err(IngressError::RateLimited(
+                "an identical signed callback is being queued; retry later".into(),
+                1,
+            ));
+        }
+    };
     let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let event = CallbackEvent {
         schema: CallbackEvent::SCHEMA.into(),
@@ -129,7 +146,7 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         request_id,
     };
     publish(state, stream, &event).await?;
-    state.replays.remember(replay_key);
+    publishing.queued();
     Ok(StatusCode::OK)
 }
 
