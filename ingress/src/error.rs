@@ -34,8 +34,9 @@ pub enum IngressError {
          options); use a new key for a new message"
     )]
     IdempotencyKeyReused,
-    #[error("{0}")]
-    MethodNotAllowed(&'static str),
+    /// `allow`: the methods the route takes, for the `Allow` header.
+    #[error("{message}")]
+    MethodNotAllowed { message: &'static str, allow: &'static str },
     #[error("no such route")]
     NotFound,
     #[error("no message with this id or MessageUUID")]
@@ -62,7 +63,7 @@ impl IngressError {
             Self::InvalidField { .. } | Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited(..) => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => StatusCode::NOT_FOUND,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::DatabaseUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,7 +84,7 @@ impl IngressError {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited(..) => "rate_limited",
             Self::NotFound | Self::NotFoundMessage | Self::NotFoundOptOut => "not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::DatabaseUnavailable(_) => "database_unavailable",
             Self::Internal(_) => "internal",
             Self::Unavailable { .. } => "unavailable",
@@ -129,6 +130,9 @@ impl IntoResponse for IngressError {
         let mut response = (status, Json(json!({ "error": error }))).into_response();
         if let Some(secs) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::MethodNotAllowed { allow, .. } = &self {
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         response
     }

@@ -121,9 +121,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
-        .with_state(state)
-        // The Plivo routes enforce their own limit so they can answer 413 with a clear body.
-        .layer(DefaultBodyLimit::disable());
+        // Every route reads its body itself, after authenticating, within a limit of its own
+        // (answered 413 with a clear body); an extractor added later is bounded all the same.
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state);
     for (name, value) in security_headers {
         router = router.layer(SetResponseHeaderLayer::if_not_present(
             HeaderName::from_static(name),
@@ -217,6 +218,34 @@ async fn not_found() -> IngressError {
 
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Open connections that have not yet sent a whole request head, oldest first (ids grow with
+/// time). When the cap is reached the oldest of them is closed to make room: slowloris clients
+/// then cannot keep new clients out, and a connection that has sent a request is never evicted.
+#[derive(Clone, Default)]
+struct Waiting {
+    next_id: Arc<std::sync::atomic::AtomicU64>,
+    connections: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, CancellationToken>>>,
+}
+
+impl Waiting {
+    fn add(&self) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).insert(id, evict.clone());
+        (id, evict)
+    }
+
+    fn remove(&self, id: u64) {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// Closes the oldest waiting connection; false when none is waiting.
+    fn evict_oldest(&self) -> bool {
+        let oldest = self.connections.lock().unwrap_or_else(|e| e.into_inner()).pop_first();
+        oldest.map(|(_, evict)| evict.cancel()).is_some()
+    }
+}
+
 /// A connection whose writes make no progress for `timeout` fails with `TimedOut`, and hyper
 /// then closes it: hyper has no write timeout, so a client that never reads its answer would
 /// otherwise hold its connection slot (and delay shutdown) for ever.
@@ -291,8 +320,9 @@ impl tokio::io::AsyncWrite for WriteDeadline {
 /// Serves `app` until `shutdown`, then waits for the open connections to finish their requests.
 /// hyper runs with a timer, so a connection that does not send a request's headers within
 /// `http.header_read_timeout_ms` (a slowloris client, or one idle between keep-alive requests)
-/// is closed, and at most `http.max_connections` are open at once: past it a new connection is
-/// closed as soon as it is accepted.
+/// is closed, and at most `http.max_connections` are open at once: past it, the connection that
+/// has waited longest for its first request head is closed to make room, and when every open
+/// connection has sent a request, the new one is closed as soon as it is accepted.
 async fn serve(
     listener: TcpListener,
     app: Router,
@@ -315,6 +345,7 @@ async fn serve(
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).max_buf_size(MAX_HEAD_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let waiting = Waiting::default();
     let mut make_service = app.into_make_service_with_connect_info::<SocketAddr>();
     loop {
         let (stream, peer) = tokio::select! {
@@ -335,19 +366,44 @@ async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("smsflow_http_connections_refused_total").increment(1);
-            continue; // dropping the stream closes it
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // Full: the connection that has waited longest without sending a request makes room.
+            Err(_) if waiting.evict_oldest() => {
+                metrics::counter!("smsflow_http_connections_evicted_total").increment(1);
+                match tokio::time::timeout(Duration::from_millis(100), slots.clone().acquire_owned()).await {
+                    Ok(Ok(slot)) => slot,
+                    _ => {
+                        metrics::counter!("smsflow_http_connections_refused_total").increment(1);
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                metrics::counter!("smsflow_http_connections_refused_total").increment(1);
+                continue; // dropping the stream closes it
+            }
         };
         let _ = stream.set_nodelay(true);
         let stream = WriteDeadline::new(stream, write_timeout);
+        let (id, evicted) = waiting.add();
         let Ok(service) = make_service.call(peer).await;
-        let service = service.map_request(|request: Request<hyper::body::Incoming>| request.map(axum::body::Body::new));
+        let served = waiting.clone();
+        let service = service.map_request(move |request: Request<hyper::body::Incoming>| {
+            // A whole request head arrived: this connection is a client's, not a slowloris.
+            served.remove(id);
+            request.map(axum::body::Body::new)
+        });
         let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)).into_owned();
         let connection = graceful.watch(connection);
+        let waiting = waiting.clone();
         tokio::spawn(async move {
             // Client resets and timeouts end connections all the time; nothing to report.
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                () = evicted.cancelled() => {}
+            }
+            waiting.remove(id);
             drop(slot);
         });
     }

@@ -64,7 +64,10 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
     // Plivo calls with GET or POST only. HEAD reaches this handler through the GET route, and a
     // captured GET replayed as HEAD would verify: refused before anything else.
     if parts.method != axum::http::Method::GET && parts.method != axum::http::Method::POST {
-        return Err(IngressError::MethodNotAllowed("Plivo callbacks come as GET or POST"));
+        return Err(IngressError::MethodNotAllowed {
+            message: "Plivo callbacks come as GET or POST",
+            allow: "GET, POST",
+        });
     }
     let limit = state.body_limit;
     if super::content_length(&parts.headers).is_some_and(|len| len > limit as u64) {

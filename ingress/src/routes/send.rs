@@ -62,6 +62,10 @@ impl ApiToken {
     }
 }
 
+/// The largest send request: 1,600 characters of text written as JSON escapes, the largest
+/// metadata and a callback URL fit with room to spare.
+pub const SEND_BODY_LIMIT: usize = 32 * 1024;
+
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_9c2a_5b7d_4e3f_8a10_2c4b_6d8e_0f12);
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
@@ -77,7 +81,7 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
     if !is_json {
         return Err(IngressError::UnsupportedMediaType { expected: "application/json" });
     }
-    let body = super::read_body(&headers, body, state.body_limit).await?;
+    let body = super::read_body(&headers, body, SEND_BODY_LIMIT).await?;
     let request: SendRequest = serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?;
     let idempotency_key = headers.get("idempotency-key");
     let id = match idempotency_key {

@@ -220,7 +220,9 @@ async fn replays_and_method_tricks_are_answered_without_queueing_twice() {
         sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "GET", url: &url, body: &[], nonce: NONCE }).unwrap();
     let as_head = app.client.head(app.url(&format!("/plivo/callback?{query}")));
     let as_head = as_head.header("x-plivo-signature-v3", &signature).header("x-plivo-signature-v3-nonce", NONCE);
-    assert_eq!(as_head.send().await.unwrap().status(), 405);
+    let refused = as_head.send().await.unwrap();
+    assert_eq!(refused.status(), 405);
+    assert_eq!(refused.headers()["allow"], "GET, POST", "the 405 names the methods the route takes");
     let empty_post =
         sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body: &[], nonce: NONCE }).unwrap();
     let as_post = app.client.post(app.url(&format!("/plivo/callback?{query}")));
@@ -249,34 +251,61 @@ async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Du
     }
 }
 
+/// Sends `GET /healthz` on `stream` and reads its answer's status line.
+async fn healthz_on(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+    }
+    String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+}
+
 #[tokio::test]
 async fn slow_headers_and_idle_connections_are_cut_off_and_the_connection_cap_holds() {
     use tokio::io::AsyncWriteExt as _;
     let app = spawn_app_with(|s| {
-        s.http.header_read_timeout_ms = 500;
+        s.http.header_read_timeout_ms = 1500;
         s.http.max_connections = 20;
     })
     .await;
     app.wait_ready().await;
-    // 20 clients trickle a request's first header line and then nothing (slowloris); the cap is
-    // reached, so a 21st connection is closed at once.
+    // 20 clients trickle a request's first header line and then nothing (slowloris): the cap is
+    // reached. A 21st connection gets in all the same: the oldest slow one makes room.
     let mut slow = Vec::new();
     for _ in 0..20 {
         let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
         stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").await.unwrap();
         slow.push(stream);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await; // in a known order
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let mut over_the_cap = tokio::net::TcpStream::connect(app.address).await.unwrap();
-    assert!(closed_within(&mut over_the_cap, std::time::Duration::from_millis(400)).await, "the 21st is closed");
-    // The header-read timeout closes every slow one.
-    for stream in &mut slow {
+    let mut newcomer = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    assert_eq!(healthz_on(&mut newcomer).await, "HTTP/1.1 200 OK", "a new client is served at the cap");
+    assert!(closed_within(&mut slow[0], std::time::Duration::from_millis(400)).await, "the oldest slow one made room");
+    // The header-read timeout closes every other slow one.
+    for stream in &mut slow[1..] {
         assert!(closed_within(stream, std::time::Duration::from_secs(3)).await, "a slow client is cut off");
     }
-    // Their slots are free again, and a client that waits too long between keep-alive requests
-    // is cut off too.
-    let mut idle = tokio::net::TcpStream::connect(app.address).await.unwrap();
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-    assert!(closed_within(&mut idle, std::time::Duration::from_secs(3)).await, "idle after its answer: closed");
+    // 20 connections that have each sent a request are never evicted: a 21st is closed at once.
+    drop(newcomer);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut served = Vec::new();
+    for _ in 0..20 {
+        let mut stream = tokio::net::TcpStream::connect(app.address).await.unwrap();
+        assert_eq!(healthz_on(&mut stream).await, "HTTP/1.1 200 OK");
+        served.push(stream);
+    }
+    let mut over_the_cap = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    assert!(closed_within(&mut over_the_cap, std::time::Duration::from_millis(400)).await, "the 21st is closed");
+    // A client that waits too long between keep-alive requests is cut off too, and its slot is free.
+    for stream in &mut served {
+        assert!(closed_within(stream, std::time::Duration::from_secs(3)).await, "idle after its answer: closed");
+    }
     assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
 }

@@ -22,17 +22,21 @@ struct Shared {
     /// Per sender, with when it was last used: senders come from jobs, so the map is bounded by
     /// dropping idle buckets once it holds `MAX_BUCKETS` (an idle bucket is full anyway).
     buckets: HashMap<String, (Arc<TokenBucket>, Instant)>,
+    /// The earliest time of the next sweep for idle buckets: a full map of busy senders is
+    /// swept at most once per `SWEEP_EVERY`, not on every new sender.
+    next_sweep: Instant,
 }
 
 const MAX_BUCKETS: usize = 10_000;
 const IDLE: Duration = Duration::from_secs(60);
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 impl SenderRateLimiter {
     pub fn new(rate_per_second: f64, burst: u32) -> Self {
         Self {
             rate: rate_per_second,
             burst: burst.into(),
-            state: Mutex::new(Shared { workers: 1, buckets: HashMap::new() }),
+            state: Mutex::new(Shared { workers: 1, buckets: HashMap::new(), next_sweep: Instant::now() }),
         }
     }
 
@@ -62,8 +66,9 @@ impl SenderRateLimiter {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let (rate, burst) = self.share(state.workers);
             let now = Instant::now();
-            if state.buckets.len() >= MAX_BUCKETS && !state.buckets.contains_key(sender) {
+            if state.buckets.len() >= MAX_BUCKETS && now >= state.next_sweep && !state.buckets.contains_key(sender) {
                 state.buckets.retain(|_, (_, used)| now.duration_since(*used) < IDLE);
+                state.next_sweep = now + SWEEP_EVERY;
             }
             let entry = state
                 .buckets
@@ -91,7 +96,7 @@ mod tests {
             limiter.acquire(&format!("sender-{i}")).await;
         }
         // Nothing is idle yet, so none could go: the cap is reached and passed only by the
-        // senders active within the last minute.
+        // senders active within the last minute (and swept for idle ones once, not per sender).
         let held = limiter.state.lock().unwrap().buckets.len();
         assert_eq!(held, MAX_BUCKETS + 500);
         {
@@ -100,6 +105,8 @@ mod tests {
             for (_, used) in state.buckets.values_mut() {
                 *used = long_ago;
             }
+            // The sweep done at the cap is a while ago too.
+            state.next_sweep = Instant::now();
         }
         limiter.acquire("a-new-sender").await;
         assert_eq!(limiter.state.lock().unwrap().buckets.len(), 1, "idle buckets were dropped");
