@@ -42,7 +42,8 @@ pub struct AppState {
     /// Global budget for requests that fail verification.
     pub unverified_budget: Arc<TokenBucket>,
     pub api_tokens: Arc<Vec<routes::send::ApiToken>>,
-    /// Read-only, for the status API; connects lazily so start-up never waits on it.
+    /// For the status API, the send API's idempotency check and opt-out changes; connects
+    /// lazily so start-up never waits on it.
     pub db: sqlx::PgPool,
     pub default_sender: Arc<str>,
     pub replays: Arc<replay::ReplayCache>,

@@ -1,4 +1,5 @@
-//! The status API's read-only queries. Callbacks never touch the database; only these do.
+//! The ingress's SQL: the status API's queries, the idempotency check of the send API, and the
+//! operator's opt-out changes. Callbacks never touch the database; only these do.
 
 use serde::Serialize;
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};

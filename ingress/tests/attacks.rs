@@ -15,8 +15,7 @@ use futures_util::StreamExt as _;
 use serde_json::json;
 use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
-use shared::plivo::form::encode_pairs;
-use shared::plivo::signature::{SignedRequest, sign_v3};
+use shared::plivo::signature::{SignedCallback, SignedRequest, sign_v3};
 use shared::testing::{TEST_AUTH_TOKEN, TestBroker};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -330,7 +329,7 @@ impl Ingress {
         for i in 0..count {
             let nonce = format!("{:020}", rand::random::<u64>());
             let request =
-                signed(&client, "POST", &self.url("/plivo/callback"), &status_params(&format!("fresh-{i}")), &nonce);
+                signed(&client, false, &self.url("/plivo/callback"), &status_params(&format!("fresh-{i}")), &nonce);
             answers.push(request.send().await.map(|r| r.status().as_u16()).unwrap_or(0));
         }
         answers
@@ -439,24 +438,20 @@ impl Probe {
     }
 }
 
-/// A callback signed as Plivo signs it, for the URL it is sent to.
+/// A callback signed as Plivo signs it, for the URL it is sent to (`get`: fields in the query).
 fn signed(
     client: &reqwest::Client,
-    method: &str,
+    get: bool,
     url: &str,
     params: &[(String, String)],
     nonce: &str,
 ) -> reqwest::RequestBuilder {
-    let signature = sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method, url, body: params, nonce }).expect("sign");
-    let request = client
-        .request(method.parse().expect("a method"), url)
-        .header("x-plivo-signature-v3", signature)
-        .header("x-plivo-signature-v3-nonce", nonce);
-    if method == "POST" {
-        request.header("content-type", "application/x-www-form-urlencoded").body(encode_pairs(params))
-    } else {
-        request
+    let signed = SignedCallback::new(TEST_AUTH_TOKEN, get, url, params, nonce).expect("sign");
+    let mut request = if get { client.get(&signed.url) } else { client.post(&signed.url) };
+    for (name, value) in signed.wire_headers() {
+        request = request.header(name, value);
     }
+    request.body(signed.form.unwrap_or_default())
 }
 
 fn status_params(uuid: &str) -> Vec<(String, String)> {
@@ -474,7 +469,7 @@ async fn probe(
     let mut connected = Some(connected);
     while !stop.is_cancelled() {
         let nonce = format!("{:020}", rand::random::<u64>());
-        let request = signed(&client, "POST", &url, &status_params(&format!("probe-{label}-{}", probe.sent)), &nonce);
+        let request = signed(&client, false, &url, &status_params(&format!("probe-{label}-{}", probe.sent)), &nonce);
         let started = Instant::now();
         let status = request.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
         probe.sent += 1;
@@ -774,7 +769,7 @@ async fn replays(ingress: &Ingress) -> serde_json::Value {
     let statuses = |method: &'static str, url: String, params: Vec<(String, String)>, times: usize| async move {
         let mut answers = Vec::new();
         for _ in 0..times {
-            let request = signed(client, method, &url, &params, nonce);
+            let request = signed(client, method == "GET", &url, &params, nonce);
             answers.push(request.send().await.map(|r| r.status().as_u16()).unwrap_or(0));
         }
         answers
@@ -782,7 +777,7 @@ async fn replays(ingress: &Ingress) -> serde_json::Value {
     // 200 copies of the POST at once: one is published, the others are answered as queued
     // (200) or, while the first is still being published, refused 429 for a moment.
     let post: Vec<u16> = futures_util::stream::iter(0..200)
-        .map(|_| signed(client, "POST", &post_url, &post_params, nonce).send())
+        .map(|_| signed(client, false, &post_url, &post_params, nonce).send())
         .buffer_unordered(32)
         .map(|answer| answer.map(|r| r.status().as_u16()).unwrap_or(0))
         .collect()

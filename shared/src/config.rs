@@ -426,7 +426,7 @@ pub struct IngressSettings {
     pub http: HttpSettings,
     pub api: ApiSettings,
     pub amqp: AmqpSettings,
-    /// Read-only use by the status API; callbacks never wait on it.
+    /// The status API's reads and the operator's opt-out changes; callbacks never wait on it.
     pub database: DatabaseSettings,
     pub plivo: PlivoSettings,
     pub telemetry: TelemetrySettings,

@@ -17,6 +17,7 @@ use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
 use shared::domain::phone::{party_identity, their_identity};
+use shared::plivo::callback::{self, field, non_empty};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -73,18 +74,18 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, DeadReason> {
     if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
         return Err(DeadReason::Schema(format!("unsupported schema {:?} version {}", event.schema, event.version)));
     }
-    let field = |key: &str| event.param(key).map(str::trim).filter(|v| !v.is_empty());
+    let value = |key: &str| non_empty(event.param(key));
     let required =
-        |key: &str| field(key).ok_or_else(|| DeadReason::MissingField(format!("inbound message has no {key}")));
-    let message_uuid = required("MessageUUID")?.to_owned();
-    let sender = their_identity(required("From")?);
-    let recipient = party_identity(required("To")?);
-    let sent_at = field("MessageTime")
-        .and_then(crate::status::event::parse_plivo_time)
+        |key: &str| value(key).ok_or_else(|| DeadReason::MissingField(format!("inbound message has no {key}")));
+    let message_uuid = required(field::MESSAGE_UUID)?.to_owned();
+    let sender = their_identity(required(field::FROM)?);
+    let recipient = party_identity(required(field::TO)?);
+    let sent_at = value(field::MESSAGE_TIME)
+        .and_then(callback::parse_time)
         .or_else(|| uuid_time(&message_uuid))
         .unwrap_or(event.received_at);
-    let body = event.param("Text").or_else(|| event.param("Body")).map(str::to_owned);
-    let intent = field("MessageIntent").map(str::to_ascii_lowercase);
+    let body = event.param(field::TEXT).or_else(|| event.param(field::BODY)).map(str::to_owned);
+    let intent = value(field::MESSAGE_INTENT).map(str::to_ascii_lowercase);
     let keyword = body
         .as_deref()
         .and_then(|t| t.split_whitespace().next())
@@ -99,20 +100,18 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, DeadReason> {
         (Some("optin"), _) => Consent::OptIn { sender: recipient.clone() },
         _ => Consent::None,
     };
-    let params = event.params.iter().fold(serde_json::Map::new(), |mut map, (k, v)| {
-        map.entry(k.clone()).or_insert_with(|| v.clone().into());
-        map
-    });
+    // Stored as status callbacks' are: a repeated field keeps every value.
+    let params = serde_json::from_str(&callback::fields_json(&event.params)).unwrap_or_default();
     Ok(InboundMessage {
         message_uuid,
         sender,
         recipient,
         body,
-        message_type: field("Type").unwrap_or("sms").to_owned(),
-        units: field("Units").and_then(|u| u.parse().ok()),
-        amount: crate::status::event::plausible_amount(field("TotalAmount")),
+        message_type: value(field::TYPE).unwrap_or("sms").to_owned(),
+        units: value(field::UNITS).and_then(|u| u.parse().ok()),
+        amount: callback::plausible_amount(value(field::TOTAL_AMOUNT)),
         intent,
-        params: params.into(),
+        params,
         received_at: event.received_at,
         sent_at,
         consent,

@@ -6,11 +6,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backoff;
 pub mod broker;
 pub mod inbound;
 pub mod monitor;
 pub mod replay;
-pub mod retry;
 pub mod send;
 pub mod status;
 pub mod storage;
@@ -73,12 +73,6 @@ pub async fn run_with(
     broker::register_metrics();
     send::register_metrics();
     let topology = Topology::from_settings(&settings.amqp);
-    let monitor = tokio::spawn(monitor::poll_queue_depths(
-        settings.amqp.clone(),
-        topology.clone(),
-        std::time::Duration::from_secs(10),
-        shutdown.clone(),
-    ));
     // Publishing (dead letters, retries) has its own connection, closed after consuming stops.
     let publisher_shutdown = CancellationToken::new();
     let publisher = Publisher::start(
@@ -87,6 +81,13 @@ pub async fn run_with(
         "smsflow-worker publisher",
         publisher_shutdown.clone(),
     );
+    let monitor = tokio::spawn(monitor::poll_queue_depths(
+        settings.amqp.clone(),
+        topology.clone(),
+        publisher.clone(),
+        std::time::Duration::from_secs(10),
+        shutdown.clone(),
+    ));
     let status_consuming = Arc::new(AtomicBool::new(false));
     let send_consuming = Arc::new(AtomicBool::new(false));
     let inbound_consuming = Arc::new(AtomicBool::new(false));
@@ -97,6 +98,10 @@ pub async fn run_with(
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
     let limiter =
         Arc::new(SenderRateLimiter::new(settings.sending.sender_rate_per_second, settings.sending.sender_burst));
+    // The send queue's consumers are read once it exists (bounded: a broker that is away
+    // leaves the share at the whole rate until the first poll).
+    let startup_wait = std::time::Duration::from_millis(settings.amqp.connect_timeout_ms);
+    let _ = tokio::time::timeout(startup_wait, monitor::topology_declared(&publisher)).await;
     if let Some(workers) = monitor::initial_send_share(&settings.amqp, &topology).await {
         limiter.share_between(workers);
     }

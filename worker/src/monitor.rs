@@ -7,18 +7,26 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use shared::amqp::{Stream, Topology};
+use shared::amqp::{Publisher, Stream, Topology};
 use shared::config::AmqpSettings;
 use tokio_util::sync::CancellationToken;
 
 use crate::send::ratelimit::SenderRateLimiter;
 
+/// Polls once the topology exists (`declared`, the publisher that declares it, is connected): a
+/// passive declare of a queue not declared yet is refused by the broker, which lapin logs as an
+/// error, on every fresh start.
 pub async fn poll_queue_depths(
     settings: AmqpSettings,
     topology: Topology,
+    declared: Publisher,
     every: Duration,
     shutdown: CancellationToken,
 ) {
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        () = topology_declared(&declared) => {}
+    }
     let mut connection = None;
     loop {
         if connection.as_ref().is_none_or(|c: &lapin::Connection| !c.status().connected()) {
@@ -86,6 +94,11 @@ pub async fn initial_send_share(settings: &AmqpSettings, topology: &Topology) ->
         counts.map(|(_, consumers)| consumers + 1)
     };
     tokio::time::timeout(Duration::from_millis(settings.connect_timeout_ms.saturating_mul(2)), read).await.ok()?
+}
+
+/// Returns once `publisher` has connected, which it does only after declaring the topology.
+pub async fn topology_declared(publisher: &Publisher) {
+    while !publisher.wait_ready(Duration::from_secs(60)).await {}
 }
 
 /// Ready messages and consumers of `queue`, from a passive declare.

@@ -1,4 +1,6 @@
-//! Every SQL statement of the worker. The forward-only rule lives here, in one statement.
+//! Every SQL statement of the worker. The forward-only rule itself is the database's
+//! (`smsflow_status_precedence` and its siblings, in the migrations): the statements here
+//! compare with it, so the worker and a hand-written query can never disagree.
 
 use std::collections::HashMap;
 
@@ -218,6 +220,7 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 /// The send path's writes. Each moves a message between the states the send path owns
 /// (accepted ⇄ sending → submitted/unknown/failed/rejected) and never lowers what a callback set.
 pub mod sending {
+    use shared::domain::MessageStatus;
     use shared::domain::send::{Sender, ValidSend};
     use sqlx::PgPool;
     use uuid::Uuid;
@@ -308,8 +311,10 @@ pub mod sending {
         .await
     }
 
-    pub async fn status_of(pool: &PgPool, id: Uuid) -> Result<Option<String>, sqlx::Error> {
-        sqlx::query_scalar!("SELECT status FROM messages WHERE id = $1", id).fetch_optional(pool).await
+    pub async fn status_of(pool: &PgPool, id: Uuid) -> Result<Option<MessageStatus>, sqlx::Error> {
+        let status = sqlx::query_scalar!("SELECT status FROM messages WHERE id = $1", id).fetch_optional(pool).await?;
+        // The table's CHECK admits only the statuses MessageStatus names.
+        Ok(status.and_then(|s| s.parse().ok()))
     }
 
     /// Plivo accepted the message; a callback may already have moved it further.
@@ -345,14 +350,14 @@ pub mod sending {
         Ok(())
     }
 
-    /// A terminal outcome decided by the send path (`failed` or `rejected`), with its reason.
-    pub async fn finish(pool: &PgPool, id: Uuid, status: &str, reason: &str) -> Result<(), sqlx::Error> {
-        move_forward(pool, id, status, reason).await
+    /// The send path decided the message failed (Plivo refused it, or every retry is used up).
+    pub async fn mark_failed(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
+        move_forward(pool, id, MessageStatus::Failed.as_str(), reason).await
     }
 
     /// The outcome cannot be known (the request may have reached Plivo): never resent.
     pub async fn mark_unknown(pool: &PgPool, id: Uuid, reason: &str) -> Result<(), sqlx::Error> {
-        move_forward(pool, id, "unknown", reason).await
+        move_forward(pool, id, MessageStatus::Unknown.as_str(), reason).await
     }
 
     /// A send-path status, set only if it ranks above the stored one; it carries no callback,

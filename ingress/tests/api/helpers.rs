@@ -4,8 +4,8 @@ use std::time::Duration;
 use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
 use shared::config::IngressSettings;
-use shared::plivo::signature::{SignedRequest, sign_v3};
-use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, base_ingress_settings, form_encode};
+use shared::plivo::signature::SignedCallback;
+use shared::testing::{TEST_AUTH_TOKEN, TEST_PUBLIC_BASE_URL, TestBroker, base_ingress_settings};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -111,17 +111,13 @@ pub fn signed_post(
     path_and_query: &str,
     params: &[(String, String)],
 ) -> reqwest::RequestBuilder {
-    let nonce = format!("{:020}", rand::random::<u64>());
     let public_url = format!("{TEST_PUBLIC_BASE_URL}{path_and_query}");
-    let signature =
-        sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &public_url, body: params, nonce: &nonce })
-            .unwrap();
-    client
-        .post(full_url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-plivo-signature-v3", signature)
-        .header("x-plivo-signature-v3-nonce", nonce)
-        .body(form_encode(params))
+    let signed = SignedCallback::new(TEST_AUTH_TOKEN, false, &public_url, params, &SignedCallback::nonce()).unwrap();
+    let mut request = client.post(full_url);
+    for (name, value) in signed.wire_headers() {
+        request = request.header(name, value);
+    }
+    request.body(signed.form.unwrap_or_default())
 }
 
 impl Drop for TestApp {

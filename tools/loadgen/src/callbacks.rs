@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use shared::plivo::form::encode_pairs;
-use shared::plivo::signature::{SignedRequest, sign_v3};
+use shared::plivo::callback::StatusCallback;
+use shared::plivo::signature::SignedCallback;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallbackLoad {
@@ -74,41 +74,27 @@ pub struct CallbackReport {
 }
 
 struct Prepared {
-    body: String,
-    signature: String,
-    nonce: String,
+    signed: SignedCallback,
     /// (MessageUUID, Sequence): what one stored event is.
     event: (String, u32),
 }
 
 /// A realistic Plivo status callback's fields (about 600 bytes as JSON).
 pub fn plivo_fields(message_uuid: &str, status: &str, sequence: u32) -> Vec<(String, String)> {
-    let error = if status == "undelivered" { "30" } else { "" };
-    [
-        ("Status", status),
-        ("To", "14155552671"),
-        ("MessageUUID", message_uuid),
-        ("From", "14155559999"),
-        ("TotalRate", "0.00650"),
-        ("Units", "1"),
-        ("TotalAmount", "0.00650"),
-        ("Type", "sms"),
-        ("MCC", "310"),
-        ("MNC", "260"),
-        ("ErrorCode", error),
-        ("ParentMessageUUID", message_uuid),
-        ("PartInfo", "1 of 1"),
-        ("Sequence", &sequence.to_string()),
-        ("PowerpackUUID", ""),
-        ("MessageTime", "2026-11-27 10:00:00.000001"),
-        ("QueuedTime", "2026-11-27 10:00:00.100001"),
-        ("SentTime", if sequence >= 2 { "2026-11-27 10:00:01.000001" } else { "" }),
-        ("DeliveryReportTime", if sequence >= 3 { "2026-11-27 10:00:05.000001" } else { "" }),
-        ("requester_ip", "203.0.113.17"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    StatusCallback {
+        message_uuid,
+        status,
+        from: "14155559999",
+        to: "14155552671",
+        sequence,
+        error_code: (status == "undelivered").then_some(30),
+        message_time: "2026-11-27 10:00:00.000001",
+        queued_time: "2026-11-27 10:00:00.100001",
+        sent_time: if sequence >= 2 { "2026-11-27 10:00:01.000001" } else { "" },
+        delivery_report_time: if sequence >= 3 { "2026-11-27 10:00:05.000001" } else { "" },
+        requester_ip: "203.0.113.17",
+    }
+    .fields()
 }
 
 /// The run's callbacks, signed. Message UUIDs carry `run_id` so the drain counts only them.
@@ -131,17 +117,8 @@ fn prepare(load: &CallbackLoad, run_id: &str) -> anyhow::Result<Vec<Prepared>> {
                 if prepared.len() == load.count {
                     break 'outer;
                 }
-                let nonce: String = (0..20).map(|_| char::from(b'0' + rand::random_range(0..10u8))).collect();
-                let signature = sign_v3(
-                    &load.auth_token,
-                    &SignedRequest { method: "POST", url: &url, body: &params, nonce: &nonce },
-                )?;
-                prepared.push(Prepared {
-                    body: encode_pairs(&params),
-                    signature,
-                    nonce,
-                    event: (uuid.clone(), sequence),
-                });
+                let signed = SignedCallback::new(&load.auth_token, false, &url, &params, &SignedCallback::nonce())?;
+                prepared.push(Prepared { signed, event: (uuid.clone(), sequence) });
             }
         }
     }
@@ -177,14 +154,11 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
                     tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
                 }
                 let sent_at = Instant::now();
-                let response = client
-                    .post(&url)
-                    .header("content-type", "application/x-www-form-urlencoded")
-                    .header("x-plivo-signature-v3", &item.signature)
-                    .header("x-plivo-signature-v3-nonce", &item.nonce)
-                    .body(item.body.clone())
-                    .send()
-                    .await;
+                let mut request = client.post(&url);
+                for (name, value) in item.signed.wire_headers() {
+                    request = request.header(name, value);
+                }
+                let response = request.body(item.signed.form.clone().unwrap_or_default()).send().await;
                 let micros = sent_at.elapsed().as_micros() as u64;
                 match response {
                     Ok(response) => {

@@ -27,7 +27,8 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use shared::plivo::signature::{SignedRequest, sign_v3};
+use shared::plivo::api::{ErrorResponse, SendMessageRequest, SendMessageResponse};
+use shared::plivo::signature::SignedCallback;
 use shared::ratelimit::TokenBucket;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -157,6 +158,7 @@ pub enum Fault {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FaultRequest {
     fault: Option<Fault>,
     #[serde(default = "default_fault_ms")]
@@ -177,6 +179,7 @@ fn default_hold_ms() -> u64 {
 /// first out, ahead of the configured behaviour once the request is authenticated), so a test
 /// plays exactly the Plivo it needs: a 429 then a 202, a permanent error, a late answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct ScriptedAnswer {
     /// 2xx accepts the message (its story plays); anything else refuses it in Plivo's shape.
     pub status: u16,
@@ -333,8 +336,47 @@ impl Drop for Simulator {
     }
 }
 
+/// The JSON body of a control route (`/_sim/…`). A body that is missing or does not fit is
+/// answered 400 with the shape the route expects, not only the parser's complaint.
+struct Control<T>(T);
+
+trait ControlBody: serde::de::DeserializeOwned {
+    /// The body the route expects, as the README documents it.
+    const SHAPE: &'static str;
+}
+
+impl ControlBody for Vec<ScriptedAnswer> {
+    const SHAPE: &'static str = r#"[{"status": 202, "message_uuid"?: "…", "error"?: "…", "delay_ms"?: 0}, …]"#;
+}
+
+impl ControlBody for FaultRequest {
+    const SHAPE: &'static str = r#"{"fault": "server_error" | "rate_limited" | "accept_then_hang" | null, "for_ms"?: 10000, "hold_ms"?: 30000}"#;
+}
+
+impl ControlBody for ExternalRequest {
+    const SHAPE: &'static str = r#"{"url": "…", "src": "…", "dst": "…", "method"?: "POST", "story"?: "delivered"}"#;
+}
+
+impl ControlBody for InboundRequest {
+    const SHAPE: &'static str = r#"{"url": "…", "from": "…", "to": "…", "text": "…", "intent"?: "optout"}"#;
+}
+
+impl<S: Send + Sync, T: ControlBody> axum::extract::FromRequest<S> for Control<T> {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(body)) => Ok(Control(body)),
+            Err(rejection) => Err(plivo_error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected a JSON body {} ({})", T::SHAPE, rejection.body_text()),
+            )),
+        }
+    }
+}
+
 fn plivo_error(status: StatusCode, error: &str) -> Response {
-    (status, Json(json!({ "api_id": uuid::Uuid::new_v4(), "error": error }))).into_response()
+    (status, Json(ErrorResponse { api_id: uuid::Uuid::new_v4().to_string(), error: error.into() })).into_response()
 }
 
 fn authorized(sim: &Sim, path_auth_id: &str, headers: &HeaderMap) -> bool {
@@ -410,19 +452,21 @@ async fn answer_send(sim: &Shared, auth_id: &str, headers: &HeaderMap, body: &[u
         }
         _ => {}
     }
-    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+    let Ok(request) = serde_json::from_slice::<SendMessageRequest>(body) else {
         sim.counters.invalid.fetch_add(1, Ordering::Relaxed);
         return plivo_error(StatusCode::BAD_REQUEST, "invalid JSON body");
     };
-    let field = |name: &str| request.get(name).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
-    let (src, powerpack) = (field("src"), field("powerpack_uuid"));
+    fn given(value: &Option<String>) -> Option<&str> {
+        value.as_deref().map(str::trim).filter(|s| !s.is_empty())
+    }
+    let (src, powerpack) = (given(&request.src), given(&request.powerpack_uuid));
     let missing = if src.is_none() && powerpack.is_none() {
         Some("src parameter is required (or powerpack_uuid)")
     } else if src.is_some() && powerpack.is_some() {
         Some("both src and powerpack_uuid cannot be specified")
-    } else if field("dst").is_none() {
+    } else if request.dst.trim().is_empty() {
         Some("dst parameter is required")
-    } else if field("text").is_none() {
+    } else if request.text.trim().is_empty() {
         Some("text parameter is required")
     } else {
         None
@@ -432,10 +476,10 @@ async fn answer_send(sim: &Shared, auth_id: &str, headers: &HeaderMap, body: &[u
         return plivo_error(StatusCode::BAD_REQUEST, error);
     }
     let src = src.or(powerpack).unwrap_or_default().to_owned();
-    let url = field("url").map(str::to_owned);
-    let method = field("method").unwrap_or("POST").to_ascii_uppercase();
+    let url = given(&request.url).map(str::to_owned);
+    let method = given(&request.method).unwrap_or("POST").to_ascii_uppercase();
     let mut uuids = Vec::new();
-    for dst in field("dst").unwrap_or_default().split('<').map(str::trim).filter(|d| !d.is_empty()) {
+    for dst in request.dst.split('<').map(str::trim).filter(|d| !d.is_empty()) {
         let scripted_uuid = scripted.as_ref().and_then(|a| a.message_uuid.clone()).filter(|_| uuids.is_empty());
         let message_uuid = scripted_uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let story = Story::choose(&sim.config.weights);
@@ -455,14 +499,12 @@ async fn answer_send(sim: &Shared, auth_id: &str, headers: &HeaderMap, body: &[u
         sim.counters.faulted.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(hold_ms)).await;
     }
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({ "api_id": uuid::Uuid::new_v4(), "message": "message(s) queued", "message_uuid": uuids })),
-    )
-        .into_response()
+    let api_id = uuid::Uuid::new_v4().to_string();
+    let accepted = SendMessageResponse { api_id, message: "message(s) queued".into(), message_uuid: uuids };
+    (StatusCode::ACCEPTED, Json(accepted)).into_response()
 }
 
-async fn add_to_script(State(sim): State<Shared>, Json(answers): Json<Vec<ScriptedAnswer>>) -> Response {
+async fn add_to_script(State(sim): State<Shared>, Control(answers): Control<Vec<ScriptedAnswer>>) -> Response {
     if let Some(bad) = answers.iter().find(|a| !(200..=599).contains(&a.status)) {
         return plivo_error(StatusCode::BAD_REQUEST, &format!("status {} is not an HTTP answer (200-599)", bad.status));
     }
@@ -483,7 +525,7 @@ async fn list_requests(State(sim): State<Shared>) -> Json<Vec<ReceivedRequest>> 
     )
 }
 
-async fn set_fault(State(sim): State<Shared>, Json(request): Json<FaultRequest>) -> StatusCode {
+async fn set_fault(State(sim): State<Shared>, Control(request): Control<FaultRequest>) -> StatusCode {
     let until = std::time::Instant::now() + Duration::from_millis(request.for_ms);
     *sim.faults.lock().unwrap_or_else(|e| e.into_inner()) = request.fault.map(|f| (f, until, request.hold_ms));
     StatusCode::NO_CONTENT
@@ -581,26 +623,20 @@ async fn deliver(
 /// A form POST (or GET with query) signed exactly as Plivo signs: V3 over the URL, the sorted
 /// parameters and a fresh 20-digit nonce.
 async fn send_signed(sim: &Sim, method: &str, url: &str, params: &[(String, String)]) -> Attempt {
-    let nonce: String = (0..20).map(|_| char::from(b'0' + rand::random_range(0..10u8))).collect();
-    let is_get = method.eq_ignore_ascii_case("GET");
-    let encoded = shared::plivo::form::encode_pairs(params);
-    let target =
-        if is_get { format!("{url}{}{encoded}", if url.contains('?') { '&' } else { '?' }) } else { url.to_owned() };
-    let body: &[(String, String)] = if is_get { &[] } else { params };
-    let signature = match sign_v3(&sim.config.auth_token, &SignedRequest { method, url: &target, body, nonce: &nonce })
-    {
-        Ok(signature) => signature,
+    let get = method.eq_ignore_ascii_case("GET");
+    let nonce = SignedCallback::nonce();
+    let signed = match SignedCallback::new(&sim.config.auth_token, get, url, params, &nonce) {
+        Ok(signed) => signed,
         Err(e) => return Attempt { status: None, error: Some(format!("cannot sign {url}: {e}")) },
     };
-    let request = if is_get { sim.http.get(&target) } else { sim.http.post(&target) }
-        .header("X-Plivo-Signature-V3", signature)
-        .header("X-Plivo-Signature-V3-Nonce", nonce)
-        .header("User-Agent", "PlivoHTTP/sim");
-    let request = if is_get {
-        request
-    } else {
-        request.header("Content-Type", "application/x-www-form-urlencoded").body(encoded)
-    };
+    let mut request =
+        if get { sim.http.get(&signed.url) } else { sim.http.post(&signed.url) }.header("User-Agent", "PlivoHTTP/sim");
+    for (name, value) in signed.wire_headers() {
+        request = request.header(name, value);
+    }
+    if let Some(form) = signed.form {
+        request = request.body(form);
+    }
     match request.send().await {
         Ok(response) => Attempt { status: Some(response.status().as_u16()), error: None },
         Err(e) => Attempt { status: None, error: Some(e.to_string()) },
@@ -645,6 +681,7 @@ async fn stats(State(sim): State<Shared>) -> Json<Stats> {
 
 /// Plays a story for a message the simulator never received, as if another system sent it.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ExternalRequest {
     url: String,
     #[serde(default = "default_method")]
@@ -659,12 +696,15 @@ fn default_method() -> String {
     "POST".into()
 }
 
-async fn external_story(State(sim): State<Shared>, Json(request): Json<ExternalRequest>) -> Response {
+async fn external_story(State(sim): State<Shared>, Control(request): Control<ExternalRequest>) -> Response {
     let story = match request.story.as_deref() {
         None => Story::choose(&sim.config.weights),
         Some(name) => match Story::named(name) {
             Some(story) => story,
-            None => return plivo_error(StatusCode::BAD_REQUEST, "unknown story"),
+            None => {
+                let known = "delivered, undelivered, failed or sent-only";
+                return plivo_error(StatusCode::BAD_REQUEST, &format!("unknown story {name:?}: {known}"));
+            }
         },
     };
     let message_uuid = uuid::Uuid::new_v4().to_string();
@@ -674,6 +714,7 @@ async fn external_story(State(sim): State<Shared>, Json(request): Json<ExternalR
 
 /// Sends an inbound SMS webhook (signed) to a `message_url`, answering with the target's status.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct InboundRequest {
     url: String,
     from: String,
@@ -683,7 +724,7 @@ struct InboundRequest {
     intent: String,
 }
 
-async fn inbound(State(sim): State<Shared>, Json(request): Json<InboundRequest>) -> Response {
+async fn inbound(State(sim): State<Shared>, Control(request): Control<InboundRequest>) -> Response {
     let message_uuid = uuid::Uuid::new_v4().to_string();
     let params: Vec<(String, String)> = [
         ("From", request.from.as_str()),

@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 use time::macros::format_description;
 
 use crate::SimMessage;
+use shared::plivo::callback::StatusCallback;
 
 /// Relative weights of the stories a new message plays.
 #[derive(Debug, Clone, clap::Args)]
@@ -128,32 +129,20 @@ impl Callback {
         };
         let step = reached(self.status);
         let at = |min_step: i32| if step >= min_step { stamp.clone() } else { String::new() };
-        let units = "1";
-        let rate = "0.00650";
-        [
-            ("Status", self.status.to_owned()),
-            ("To", message.dst.clone()),
-            ("MessageUUID", message.message_uuid.clone()),
-            ("From", message.src.clone()),
-            ("TotalRate", rate.to_owned()),
-            ("Units", units.to_owned()),
-            ("TotalAmount", rate.to_owned()),
-            ("Type", "sms".to_owned()),
-            ("MCC", "310".to_owned()),
-            ("MNC", "260".to_owned()),
-            ("ErrorCode", self.error_code.map(|c| c.to_string()).unwrap_or_default()),
-            ("ParentMessageUUID", message.message_uuid.clone()),
-            ("PartInfo", "1 of 1".to_owned()),
-            ("Sequence", self.sequence.to_string()),
-            ("PowerpackUUID", String::new()),
-            ("MessageTime", stamp.clone()),
-            ("QueuedTime", at(1)),
-            ("SentTime", if self.status == "failed" { String::new() } else { at(2) }),
-            ("DeliveryReportTime", at(3)),
-            ("requester_ip", "127.0.0.1".to_owned()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        let (queued, sent, reported) = (at(1), if self.status == "failed" { String::new() } else { at(2) }, at(3));
+        StatusCallback {
+            message_uuid: &message.message_uuid,
+            status: self.status,
+            from: &message.src,
+            to: &message.dst,
+            sequence: self.sequence,
+            error_code: self.error_code,
+            message_time: &stamp,
+            queued_time: &queued,
+            sent_time: &sent,
+            delivery_report_time: &reported,
+            requester_ip: "127.0.0.1",
+        }
+        .fields()
     }
 }

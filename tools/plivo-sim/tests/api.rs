@@ -183,3 +183,25 @@ async fn scripted_answers_are_played_in_order_and_every_request_is_recorded() {
         .unwrap();
     assert_eq!(refused.status(), 400, "a status that is not an HTTP answer is refused");
 }
+
+#[tokio::test]
+async fn a_control_route_without_a_body_answers_with_the_shape_it_expects() {
+    let sim = Simulator::start(config()).await;
+    let client = reqwest::Client::new();
+    let routes = [
+        ("/_sim/inbound", "\"from\""),
+        ("/_sim/external", "\"story\""),
+        ("/_sim/script", "\"status\""),
+        ("/_sim/faults", "\"fault\""),
+    ];
+    for (route, names) in routes {
+        for body in ["", "{\"nonsense\": true}"] {
+            let request = client.post(format!("{}{route}", sim.url)).header("content-type", "application/json");
+            let response = request.body(body).send().await.unwrap();
+            assert_eq!(response.status(), 400, "{route} with {body:?}");
+            let answer: serde_json::Value = response.json().await.unwrap();
+            let error = answer["error"].as_str().unwrap_or_default();
+            assert!(error.starts_with("expected a JSON body") && error.contains(names), "{route}: {error}");
+        }
+    }
+}

@@ -504,17 +504,15 @@ impl Callbacks {
 
     /// A status callback signed as Plivo signs it (V3, the simulator's auth token).
     pub fn signed_callback(&self, params: &[(&str, &str)], nonce: &str) -> reqwest::RequestBuilder {
-        use shared::plivo::signature::{SignedRequest, sign_v3};
         let url = format!("http://{}/plivo/callback", self.ingress_addr);
         let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let signature = sign_v3(TEST_AUTH_TOKEN, &SignedRequest { method: "POST", url: &url, body: &params, nonce })
+        let signed = shared::plivo::signature::SignedCallback::new(TEST_AUTH_TOKEN, false, &url, &params, nonce)
             .expect("sign a callback");
-        self.client
-            .post(url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-plivo-signature-v3", signature)
-            .header("x-plivo-signature-v3-nonce", nonce)
-            .body(shared::plivo::form::encode_pairs(&params))
+        let mut request = self.client.post(url);
+        for (name, value) in signed.wire_headers() {
+            request = request.header(name, value);
+        }
+        request.body(signed.form.unwrap_or_default())
     }
 
     /// Posts one signed callback; the answer's status code (0 if there was none).

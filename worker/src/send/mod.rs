@@ -21,6 +21,7 @@ use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int, get_str};
 use shared::amqp::topology::{PLIVO_ACCEPTED_HEADER, REPLAY_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{Stream, Topology};
 use shared::config::{DeliveryGuarantee, WorkerSettings};
+use shared::domain::MessageStatus;
 use shared::domain::send::ValidSend;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -197,9 +198,9 @@ impl SendPipeline {
     /// The job's row was not `accepted`: a duplicate, or this very delivery again after an
     /// interrupted attempt (redelivered by the broker, or back from the retry ladder).
     async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> Result<Disposition, sqlx::Error> {
-        let status = store::status_of(&self.pool, valid.id).await?.unwrap_or_default();
+        let status = store::status_of(&self.pool, valid.id).await?;
         let headers = delivery.properties.headers().as_ref();
-        if status == "sending"
+        if status == Some(MessageStatus::Sending)
             && let Some(message_uuid) = get_str(headers, PLIVO_ACCEPTED_HEADER)
         {
             // Plivo accepted it on an earlier attempt whose write did not get through.
@@ -208,7 +209,7 @@ impl SendPipeline {
         }
         let seen_before = delivery.redelivered
             || [RETRY_COUNT_HEADER, REPLAY_COUNT_HEADER].iter().any(|h| get_int(headers, h).unwrap_or(0) > 0);
-        if status == "sending" && seen_before {
+        if status == Some(MessageStatus::Sending) && seen_before {
             match self.settings.sending.delivery {
                 DeliveryGuarantee::AtMostOnce => {
                     let reason = "a worker stopped during the Plivo call; not resent (at-most-once)";
@@ -223,6 +224,7 @@ impl SendPipeline {
             }
         } else {
             Outcome::Duplicate.count();
+            let status = status.map_or("none", MessageStatus::as_str);
             tracing::info!(message_id = %valid.id, status, "duplicate send job; not sent again");
         }
         Ok(Disposition::Done)
@@ -233,7 +235,7 @@ impl SendPipeline {
     async fn record_submitted(&self, id: uuid::Uuid, message_uuid: Option<&str>) -> Result<(), sqlx::Error> {
         let write = || store::mark_submitted(&self.pool, id, message_uuid);
         write
-            .retry(crate::retry::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
+            .retry(crate::backoff::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
             .when(crate::storage::is_transient)
             .notify(|e, wait| tracing::warn!(message_id = %id, error = %e, ?wait, "recording the submission failed; retrying"))
             .await?;
@@ -259,7 +261,7 @@ impl SendPipeline {
             }
         };
         let retried = attempt
-            .retry(crate::retry::quick(Duration::from_millis(200), self.settings.sending.in_process_retries))
+            .retry(crate::backoff::quick(Duration::from_millis(200), self.settings.sending.in_process_retries))
             .notify(
                 |reason, wait| tracing::info!(message_id = %valid.id, reason, ?wait, "Plivo call not made; retrying"),
             )
@@ -292,8 +294,7 @@ impl SendPipeline {
                 }
             }
             SendOutcome::Refused { status, error } => {
-                store::finish(&self.pool, id, "failed", &format!("Plivo refused the message ({status}): {error}"))
-                    .await?;
+                store::mark_failed(&self.pool, id, &format!("Plivo refused the message ({status}): {error}")).await?;
                 Outcome::Refused.count();
                 tracing::warn!(message_id = %id, status, "Plivo refused the message");
             }
@@ -305,7 +306,7 @@ impl SendPipeline {
             SendOutcome::NotSent { reason } | SendOutcome::Unknown { reason } => {
                 // Past the ladder's last rung the retry is a dead letter: the job ends `failed`.
                 if self.rerouter.retries_exhausted(Stream::Send, delivery) {
-                    store::finish(&self.pool, id, "failed", &format!("gave up: {reason}")).await?;
+                    store::mark_failed(&self.pool, id, &format!("gave up: {reason}")).await?;
                     Outcome::Failed.count();
                 } else {
                     store::release_for_retry(&self.pool, id, &reason).await?;

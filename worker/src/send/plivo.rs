@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
-use serde_json::json;
 use shared::config::{HttpSettings, PlivoSettings, SendingSettings};
 use shared::domain::send::{Sender, ValidSend};
+use shared::plivo::api::{SendMessageRequest, SendMessageResponse};
 use tracing::Instrument as _;
 
 /// What one call to Plivo means for the job.
@@ -68,20 +68,20 @@ impl PlivoClient {
     }
 
     pub async fn send(&self, job: &ValidSend) -> SendOutcome {
-        let mut body = json!({
-            "dst": job.to.plivo_digits(),
-            "text": job.text,
-            "url": self.callback_url(job),
-            "method": "POST",
-        });
-        match &job.sender {
-            Sender::Powerpack(uuid) => body["powerpack_uuid"] = uuid.as_str().into(),
-            Sender::Number(number) => body["src"] = number.plivo_digits().into(),
-            Sender::ShortCode(s) | Sender::Alphanumeric(s) => body["src"] = s.as_str().into(),
-        }
-        if let Some(expiry) = job.message_expiry {
-            body["message_expiry"] = expiry.into();
-        }
+        let (src, powerpack_uuid) = match &job.sender {
+            Sender::Powerpack(uuid) => (None, Some(uuid.clone())),
+            Sender::Number(number) => (Some(number.plivo_digits().to_owned()), None),
+            Sender::ShortCode(s) | Sender::Alphanumeric(s) => (Some(s.clone()), None),
+        };
+        let body = SendMessageRequest {
+            src,
+            powerpack_uuid,
+            dst: job.to.plivo_digits().to_owned(),
+            text: job.text.clone(),
+            url: Some(self.callback_url(job)),
+            method: Some("POST".into()),
+            message_expiry: job.message_expiry,
+        };
         let span = tracing::info_span!(
             "plivo send message",
             otel.name = "POST /v1/Account/{auth_id}/Message/",
@@ -104,7 +104,7 @@ impl PlivoClient {
         outcome
     }
 
-    async fn call(&self, body: &serde_json::Value) -> SendOutcome {
+    async fn call(&self, body: &SendMessageRequest) -> SendOutcome {
         let response = self
             .http
             .post(&self.endpoint)
@@ -130,11 +130,12 @@ impl PlivoClient {
             }
             Err(_) => String::new(),
         };
+        if (200..300).contains(&status) {
+            let accepted = serde_json::from_str::<SendMessageResponse>(&text).ok();
+            return SendOutcome::Accepted { message_uuid: accepted.and_then(|a| a.message_uuid.into_iter().next()) };
+        }
         let json: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         match status {
-            200..=299 => SendOutcome::Accepted {
-                message_uuid: json["message_uuid"].get(0).and_then(|v| v.as_str()).map(str::to_owned),
-            },
             code if self.retry_statuses.contains(&code) => {
                 SendOutcome::NotSent { reason: format!("Plivo answered {code}: {}", error_text(&json, &text)) }
             }

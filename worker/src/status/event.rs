@@ -1,14 +1,12 @@
 //! From a queued Plivo callback to a status update, or to the reason it is poison.
 
-use std::collections::BTreeMap;
-
 use sha2::{Digest, Sha256};
 use shared::amqp::contracts::CallbackEvent;
 use shared::domain::MessageStatus;
 use shared::domain::phone::{party_identity, their_identity};
+use shared::plivo::callback::{self, field, non_empty};
 use shared::plivo::errors::parse_error_code;
 use time::OffsetDateTime;
-use time::macros::format_description;
 use uuid::Uuid;
 
 /// One distinct callback, ready to be written.
@@ -77,8 +75,8 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
             expected_version: CallbackEvent::VERSION,
         });
     }
-    let message_uuid = non_empty(event.param("MessageUUID")).ok_or(Poison::NoMessageUuid)?.to_owned();
-    let raw_status = non_empty(event.param("Status")).ok_or(Poison::NoStatus)?;
+    let message_uuid = non_empty(event.param(field::MESSAGE_UUID)).ok_or(Poison::NoMessageUuid)?.to_owned();
+    let raw_status = non_empty(event.param(field::STATUS)).ok_or(Poison::NoStatus)?;
     let status =
         MessageStatus::from_callback(raw_status).ok_or_else(|| Poison::UnknownStatus(raw_status.to_owned()))?;
     let reference = event.reference.as_deref().and_then(|r| match Uuid::parse_str(r) {
@@ -89,48 +87,24 @@ pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
             None
         }
     });
-    let plivo_time = ["DeliveryReportTime", "SentTime", "QueuedTime", "MessageTime"]
-        .iter()
-        .find_map(|key| non_empty(event.param(key)).and_then(parse_plivo_time));
+    let plivo_time =
+        field::STATUS_TIMES.iter().find_map(|key| non_empty(event.param(key)).and_then(callback::parse_time));
     Ok(StatusUpdate {
         reference,
         message_uuid,
         status,
-        sequence: non_empty(event.param("Sequence")).and_then(|v| v.parse().ok()),
-        error_code: parse_error_code(event.param("ErrorCode")).and_then(|c| i32::try_from(c).ok()),
-        units: non_empty(event.param("Units")).and_then(|v| v.parse().ok()),
-        amount: plausible_amount(event.param("TotalAmount")),
-        sender: non_empty(event.param("From")).map(party_identity),
-        recipient: non_empty(event.param("To")).map(their_identity),
+        sequence: non_empty(event.param(field::SEQUENCE)).and_then(|v| v.parse().ok()),
+        error_code: parse_error_code(event.param(field::ERROR_CODE)).and_then(|c| i32::try_from(c).ok()),
+        units: non_empty(event.param(field::UNITS)).and_then(|v| v.parse().ok()),
+        amount: callback::plausible_amount(event.param(field::TOTAL_AMOUNT)),
+        sender: non_empty(event.param(field::FROM)).map(party_identity),
+        recipient: non_empty(event.param(field::TO)).map(their_identity),
         plivo_time,
         event_at: plivo_time.unwrap_or(event.received_at),
         received_at: event.received_at,
         dedupe_key: dedupe_key(&event.params),
-        params: params_json(&event.params),
+        params: callback::fields_json(&event.params),
     })
-}
-
-/// Plivo's charge as written, if it fits `numeric(14, 5)`; anything else ("inf", "NaN", 1e400)
-/// is dropped rather than let the database refuse, and dead-letter, the whole callback.
-pub fn plausible_amount(raw: Option<&str>) -> Option<String> {
-    let raw = non_empty(raw)?;
-    let plain = raw.chars().all(|c| c.is_ascii_digit() || c == '.' || c == '-');
-    let value: f64 = raw.parse().ok()?;
-    (plain && value.is_finite() && value.abs() < 1e9).then(|| raw.to_owned())
-}
-
-fn non_empty(value: Option<&str>) -> Option<&str> {
-    value.map(str::trim).filter(|v| !v.is_empty())
-}
-
-/// `2024-05-14 09:12:44.319284`, taken as UTC (Plivo does not say; docs/plivo.md §2).
-pub fn parse_plivo_time(raw: &str) -> Option<OffsetDateTime> {
-    let with_fraction = format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond]");
-    let without = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
-    time::PrimitiveDateTime::parse(raw, with_fraction)
-        .or_else(|_| time::PrimitiveDateTime::parse(raw, without))
-        .ok()
-        .map(|t| t.assume_utc())
 }
 
 /// Length-prefixed so that no two different parameter sets hash the same text.
@@ -138,29 +112,6 @@ pub fn dedupe_key(params: &[(String, String)]) -> [u8; 32] {
     let mut hasher = Sha256::new();
     shared::plivo::form::hash_fields(&mut hasher, params);
     hasher.finalize().into()
-}
-
-fn params_json(params: &[(String, String)]) -> String {
-    #[derive(serde::Serialize)]
-    #[serde(untagged)]
-    enum Values<'a> {
-        One(&'a str),
-        Many(Vec<&'a str>),
-    }
-    let mut grouped: BTreeMap<&str, Values> = BTreeMap::new();
-    for (k, v) in params {
-        match grouped.get_mut(k.as_str()) {
-            None => {
-                grouped.insert(k, Values::One(v));
-            }
-            Some(Values::One(first)) => {
-                let first = *first;
-                grouped.insert(k, Values::Many(vec![first, v]));
-            }
-            Some(Values::Many(all)) => all.push(v),
-        }
-    }
-    serde_json::to_string(&grouped).expect("a map of strings serializes")
 }
 
 #[cfg(test)]
@@ -189,24 +140,6 @@ mod tests {
         assert_eq!((update.error_code, update.sequence, update.units), (Some(30), Some(4), Some(2)));
         assert_eq!(update.amount.as_deref(), Some("0.01300"));
         assert_eq!(update.event_at.unix_timestamp(), 1_715_677_969);
-    }
-
-    #[test]
-    fn params_become_one_json_object_with_repeated_keys_as_arrays() {
-        let params: Vec<(String, String)> = [("To", "1"), ("Status", "sent"), ("To", "2"), ("A", "\"q\"")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let json: serde_json::Value = serde_json::from_str(&params_json(&params)).unwrap();
-        assert_eq!(json, serde_json::json!({"A": "\"q\"", "Status": "sent", "To": ["1", "2"]}));
-    }
-
-    #[test]
-    fn only_an_amount_the_database_can_hold_is_kept() {
-        assert_eq!(plausible_amount(Some("0.01300")).as_deref(), Some("0.01300"));
-        for hostile in ["inf", "NaN", "1e400", "1e12", "12345678901", "", "0x10"] {
-            assert_eq!(plausible_amount(Some(hostile)), None, "{hostile}");
-        }
     }
 
     #[test]

@@ -149,7 +149,7 @@ impl StatusPipeline {
             db.operation.batch.size = updates.len(),
         );
         (|| storage::apply_status_batch(&self.pool, updates).instrument(span.clone()))
-            .retry(crate::retry::quick(Duration::from_millis(100), self.settings.worker.in_process_retries))
+            .retry(crate::backoff::quick(Duration::from_millis(100), self.settings.worker.in_process_retries))
             .when(storage::is_transient)
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "status batch failed; retrying"))
             .await

@@ -7,27 +7,26 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use plivo_sim::{SimConfig, SimMessage};
-use reliability::{API_TOKEN, SIM_AUTH_ID, Stack};
+use reliability::{API_TOKEN, Stack};
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
 use shared::amqp::{Publisher, Stream};
-use shared::testing::TEST_AUTH_TOKEN;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 /// id, Plivo MessageUUID, status, error code.
 type MessageRow = (uuid::Uuid, Option<String>, String, Option<i32>);
 
+/// The suite's simulator with more of every story, more duplicates and disorder, and time
+/// compressed further (the whole flow settles within the test).
 fn sim_config() -> SimConfig {
     SimConfig {
-        auth_id: SIM_AUTH_ID.into(),
-        auth_token: TEST_AUTH_TOKEN.into(),
-        rate_limit: 5000.0,
         weights: plivo_sim::story::StoryWeights { delivered: 70, undelivered: 10, failed: 10, sent_only: 10 },
         latency_ms: 500,
         duplicate_share: 0.1,
         out_of_order_share: 0.1,
         time_scale: 0.01,
+        ..reliability::sim_config()
     }
 }
 

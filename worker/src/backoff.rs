@@ -1,5 +1,6 @@
-//! The worker's in-process retry policy: a few quick, jittered, exponentially spaced attempts
-//! (never minutes: longer outages go through the delay queues, without holding deliveries).
+//! In-process backoff, not the retry ladder (the broker's delay queues): a few quick, jittered,
+//! exponentially spaced attempts, never minutes; longer outages go through the delay queues
+//! without holding deliveries.
 
 use std::time::Duration;
 
