@@ -41,7 +41,7 @@ pub struct AppState {
     pub retry_after_secs: u32,
     /// Global budget for requests that fail verification.
     pub unverified_budget: Arc<TokenBucket>,
-    pub api_tokens: Arc<Vec<routes::send::ApiToken>>,
+    pub api_tokens: Arc<Vec<Arc<routes::auth::ApiToken>>>,
     /// For the status API, the send API's idempotency check and opt-out changes; connects
     /// lazily so start-up never waits on it.
     pub db: sqlx::PgPool,
@@ -75,7 +75,9 @@ impl AppState {
             )),
             api_tokens: Arc::new(
                 tokens
-                    .map(|(t, full)| routes::send::ApiToken::new(t.clone(), full, api.rate_per_second, api.burst))
+                    .map(|(t, full)| {
+                        Arc::new(routes::auth::ApiToken::new(t.clone(), full, api.rate_per_second, api.burst))
+                    })
                     .collect(),
             ),
             db: shared::db::pool(&settings.database)?,

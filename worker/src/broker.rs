@@ -313,12 +313,20 @@ impl Rerouter {
         Ok(())
     }
 
-    /// Whether a retry of this delivery would be its last chance: no rung left after it.
+    /// Whether this delivery has used every rung of the retry ladder: retrying it now would
+    /// dead-letter it.
     pub fn retries_exhausted(&self, stream: Stream, delivery: &Delivery) -> bool {
         self.topology.retry_queue(stream, attempt(delivery) as usize).is_none()
     }
 
-    async fn reroute(&self, stream: Stream, delivery: &Delivery, disposition: Disposition) -> Result<(), PublishError> {
+    /// Publishes the delivery where `disposition` says (confirmed), without acking it: for a
+    /// pipeline that must record something between the reroute and the ack.
+    pub async fn reroute(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        disposition: Disposition,
+    ) -> Result<(), PublishError> {
         let (cause, extra) = match disposition {
             Disposition::Done => return Ok(()),
             Disposition::Dead(reason) => return self.publish_dead(stream, delivery, &reason, Vec::new()).await,

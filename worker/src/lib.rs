@@ -101,7 +101,10 @@ pub async fn run_with(
     // The send queue's consumers are read once it exists (bounded: a broker that is away
     // leaves the share at the whole rate until the first poll).
     let startup_wait = std::time::Duration::from_millis(settings.amqp.connect_timeout_ms);
-    let _ = tokio::time::timeout(startup_wait, monitor::topology_declared(&publisher)).await;
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        _ = tokio::time::timeout(startup_wait, monitor::topology_declared(&publisher)) => {}
+    }
     if let Some(workers) = monitor::initial_send_share(&settings.amqp, &topology).await {
         limiter.share_between(workers);
     }

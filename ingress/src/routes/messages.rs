@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use super::send::authenticate;
+use super::auth::Caller;
 use crate::AppState;
 use crate::error::IngressError;
 use crate::storage::{self, GroupBy, InboundFilter, MessageFilter, MessageRow};
@@ -134,10 +134,9 @@ fn decode_cursor(raw: &str) -> Result<(OffsetDateTime, String), IngressError> {
 
 pub async fn get_message(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    token: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, IngressError> {
-    let token = authenticate(&state, &headers)?;
     let id = parse_uuid(&id, "the message id (ours or Plivo's MessageUUID)")?;
     let row = storage::message(&state.db, id).await.map_err(db_error)?.ok_or(IngressError::NotFoundMessage)?;
     let events = storage::events(&state.db, row.id).await.map_err(db_error)?;
@@ -163,10 +162,9 @@ pub async fn get_message(
 
 pub async fn list_messages(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    token: Caller,
     Query(params): Params,
 ) -> Result<Json<Value>, IngressError> {
-    let token = authenticate(&state, &headers)?;
     reject_unknown(
         &params,
         &["status", "recipient", "since", "until", "metadata_key", "metadata_value", "limit", "cursor"],
@@ -209,10 +207,9 @@ pub async fn list_messages(
 
 pub async fn stats(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Caller,
     Query(params): Params,
 ) -> Result<Json<Value>, IngressError> {
-    authenticate(&state, &headers)?;
     reject_unknown(&params, &["from", "to", "group_by"])?;
     let until = parse_time(&params, "to")?.unwrap_or_else(OffsetDateTime::now_utc);
     let since = parse_time(&params, "from")?.unwrap_or(until - time::Duration::days(1));
@@ -242,10 +239,9 @@ pub async fn stats(
 
 pub async fn list_inbound(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    token: Caller,
     Query(params): Params,
 ) -> Result<Json<Value>, IngressError> {
-    let token = authenticate(&state, &headers)?;
     reject_unknown(&params, &["sender", "recipient", "since", "until", "limit", "cursor"])?;
     let limit = parse_limit(&params)?;
     let filter = InboundFilter {
@@ -311,10 +307,9 @@ fn parse_sender(raw: Option<&str>) -> Result<String, IngressError> {
 
 pub async fn get_opt_outs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Caller,
     Path(number): Path<String>,
 ) -> Result<Json<Value>, IngressError> {
-    authenticate(&state, &headers)?;
     let recipient = parse_number(&number)?;
     let rows = storage::opt_outs(&state.db, &recipient).await.map_err(db_error)?;
     if rows.is_empty() {
@@ -328,12 +323,12 @@ const OPT_OUT_BODY_LIMIT: usize = 1024;
 
 pub async fn put_opt_out(
     State(state): State<AppState>,
+    // Taken first: nothing of the body is read before the caller is known.
+    _: Caller,
     Path(number): Path<String>,
     request: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Value>), IngressError> {
     let (parts, body) = request.into_parts();
-    // Nothing of the body is read before the caller is known.
-    authenticate(&state, &parts.headers)?;
     let body = super::read_body(&parts.headers, body, OPT_OUT_BODY_LIMIT).await?;
     let recipient = parse_number(&number)?;
     let body: OptOutBody = if body.is_empty() {
@@ -350,11 +345,10 @@ pub async fn put_opt_out(
 
 pub async fn delete_opt_outs(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Caller,
     Path(number): Path<String>,
     Query(params): Params,
 ) -> Result<StatusCode, IngressError> {
-    authenticate(&state, &headers)?;
     reject_unknown(&params, &["sender"])?;
     let recipient = parse_number(&number)?;
     let sender = params.get("sender").map(|s| parse_sender(Some(s))).transpose()?;

@@ -3,17 +3,16 @@
 
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use shared::amqp::Stream;
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
-use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::auth::Caller;
 use crate::AppState;
 use crate::error::IngressError;
 
@@ -36,32 +35,6 @@ struct SendRequest {
     callback: Option<String>,
 }
 
-/// One configured API token.
-pub struct ApiToken {
-    /// May read full phone numbers and message text.
-    pub full_read: bool,
-    /// Scopes idempotency keys to their token.
-    pub fingerprint: String,
-    /// SHA-256 of the token: presented tokens are compared by digest, so neither the
-    /// comparison's time nor an early length check says anything about the token.
-    digest: [u8; 32],
-    pub budget: shared::ratelimit::TokenBucket,
-}
-
-impl ApiToken {
-    pub fn new(secret: secrecy::SecretString, full_read: bool, rate_per_second: u32, burst: u32) -> Self {
-        use secrecy::ExposeSecret as _;
-        let digest: [u8; 32] = Sha256::digest(secret.expose_secret().as_bytes()).into();
-        let fingerprint = digest.iter().map(|b| format!("{b:02x}")).collect();
-        Self {
-            digest,
-            full_read,
-            fingerprint,
-            budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()),
-        }
-    }
-}
-
 /// The largest send request: 1,600 characters of text written as JSON escapes, the largest
 /// metadata and a callback URL fit with room to spare.
 pub const SEND_BODY_LIMIT: usize = 32 * 1024;
@@ -69,10 +42,13 @@ pub const SEND_BODY_LIMIT: usize = 32 * 1024;
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_9c2a_5b7d_4e3f_8a10_2c4b_6d8e_0f12);
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-pub async fn create_message(State(state): State<AppState>, request: Request) -> Result<Response, IngressError> {
+pub async fn create_message(
+    State(state): State<AppState>,
+    caller: Caller,
+    request: Request,
+) -> Result<Response, IngressError> {
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
-    let token = authenticate(&state, &headers)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -93,7 +69,7 @@ pub async fn create_message(State(state): State<AppState>, request: Request) -> 
                         "Idempotency-Key must be 1–{MAX_IDEMPOTENCY_KEY} visible ASCII characters"
                     ))
                 })?;
-            Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{}:{key}", token.fingerprint).as_bytes())
+            Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{}:{key}", caller.fingerprint).as_bytes())
         }
     };
     let job = SendJob {
@@ -158,32 +134,3 @@ async fn refuse_reused_key(state: &AppState, valid: &shared::domain::send::Valid
 }
 
 const IDEMPOTENCY_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The token presented as `Authorization: Bearer …`, within its request rate.
-pub fn authenticate<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
-    let token = identify(state, headers)?;
-    if let Err(wait) = token.budget.try_take() {
-        return Err(IngressError::RateLimited("this token's request rate is exceeded".into(), wait.as_secs().max(1)));
-    }
-    Ok(token)
-}
-
-fn identify<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a ApiToken, IngressError> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| IngressError::Unauthorized("missing bearer token (Authorization: Bearer <token>)".into()))?;
-    // Compare digests with every token, in constant time: timing reveals neither which token
-    // nor how long one is.
-    let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-    let mut matched = None;
-    for token in state.api_tokens.iter() {
-        if bool::from(token.digest.ct_eq(&presented)) {
-            matched = Some(token);
-        }
-    }
-    matched.ok_or_else(|| IngressError::Forbidden("bearer token not accepted".into()))
-}

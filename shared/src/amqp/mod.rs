@@ -30,13 +30,14 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Conn
 }
 
 /// The delays between attempts to rebuild a lost broker connection, for every client of the
-/// broker: from 100 ms, doubling to at most 5 s, jittered so that replicas do not reconnect in
-/// step. Endless: whoever loops on it decides when to give up.
+/// broker: from 100 ms, doubling, jittered so that replicas do not reconnect in step, and at
+/// most 5 s (backon's jitter adds up to the delay itself, so the cap before it is 2.5 s).
+/// Endless: whoever loops on it decides when to give up.
 pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
     use backon::BackoffBuilder as _;
     backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
+        .with_max_delay(Duration::from_millis(2500))
         .with_jitter()
         .without_max_times()
         .build()

@@ -29,7 +29,9 @@ pub struct SendMessageRequest {
 /// The answer to an accepted request (202): one MessageUUID per recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SendMessageResponse {
+    #[serde(default)]
     pub api_id: String,
+    #[serde(default)]
     pub message: String,
     pub message_uuid: Vec<String>,
 }

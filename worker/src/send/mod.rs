@@ -87,6 +87,22 @@ pub fn register_metrics() {
     }
 }
 
+/// Why a job could not be handled to the end.
+enum Handling {
+    /// A database write failed: the job is retried later, or dead-lettered if it never can be.
+    Database(sqlx::Error),
+    /// The broker did not confirm a reroute: the job is not acked, the broker redelivers it.
+    Broker(shared::amqp::PublishError),
+    /// Its dead letter is confirmed but the row could not say so: not acked either.
+    Unrecorded(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Handling {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(error)
+    }
+}
+
 /// In-process retries of recording a submission (~10 s in all): the message is already sent.
 const MARK_SUBMITTED_RETRIES: usize = 8;
 
@@ -150,12 +166,18 @@ impl SendPipeline {
     /// sends it through the retry ladder, a refusal dead-letters it. Only broker errors (the job
     /// could not be rerouted or acked) end the session, and the broker then redelivers.
     async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
-        let disposition = self.process(&delivery).await.unwrap_or_else(crate::storage::disposition_of);
+        let disposition = match self.process(&delivery).await {
+            Ok(disposition) => disposition,
+            Err(Handling::Database(e)) => crate::storage::disposition_of(e),
+            // Not acked: the broker redelivers the job, and its row says what was done.
+            Err(Handling::Broker(e)) => return Err(e.into()),
+            Err(Handling::Unrecorded(e)) => return Err(anyhow::anyhow!("cannot record a dead-lettered job: {e}")),
+        };
         self.rerouter.dispose(Stream::Send, &delivery, disposition).await
     }
 
     /// What to do with one job, having done what it asks (an error: a database write failed).
-    async fn process(&self, delivery: &Delivery) -> Result<Disposition, sqlx::Error> {
+    async fn process(&self, delivery: &Delivery) -> Result<Disposition, Handling> {
         let job = match parse(delivery) {
             Ok(job) => job,
             Err(reason) => return Ok(Disposition::Dead(reason)),
@@ -197,7 +219,7 @@ impl SendPipeline {
 
     /// The job's row was not `accepted`: a duplicate, or this very delivery again after an
     /// interrupted attempt (redelivered by the broker, or back from the retry ladder).
-    async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> Result<Disposition, sqlx::Error> {
+    async fn not_claimed(&self, delivery: &Delivery, valid: &ValidSend) -> Result<Disposition, Handling> {
         let status = store::status_of(&self.pool, valid.id).await?;
         let headers = delivery.properties.headers().as_ref();
         if status == Some(MessageStatus::Sending)
@@ -217,8 +239,16 @@ impl SendPipeline {
                     Outcome::Unknown.count();
                     tracing::warn!(message_id = %valid.id, "send outcome unknown: {reason}");
                 }
-                DeliveryGuarantee::AtLeastOnce => {
+                DeliveryGuarantee::AtLeastOnce if !self.rerouter.retries_exhausted(Stream::Send, delivery) => {
                     store::release_for_retry(&self.pool, valid.id, "resending after an interrupted call").await?;
+                    return Ok(Disposition::retry(RetryCause::InterruptedCall));
+                }
+                DeliveryGuarantee::AtLeastOnce => {
+                    // No retry left to resend it with: its outcome stays unknown (and it is
+                    // dead-lettered for an operator to replay), never `accepted` for good.
+                    let reason = "a worker stopped during the Plivo call, and no retry is left";
+                    store::mark_unknown(&self.pool, valid.id, reason).await?;
+                    Outcome::Unknown.count();
                     return Ok(Disposition::retry(RetryCause::InterruptedCall));
                 }
             }
@@ -275,7 +305,7 @@ impl SendPipeline {
         delivery: &Delivery,
         valid: &ValidSend,
         outcome: SendOutcome,
-    ) -> Result<Disposition, sqlx::Error> {
+    ) -> Result<Disposition, Handling> {
         let id = valid.id;
         match outcome {
             SendOutcome::Accepted { message_uuid } => {
@@ -304,15 +334,25 @@ impl SendPipeline {
                 tracing::warn!(message_id = %id, reason, "send outcome unknown; not resent (at-most-once)");
             }
             SendOutcome::NotSent { reason } | SendOutcome::Unknown { reason } => {
-                // Past the ladder's last rung the retry is a dead letter: the job ends `failed`.
-                if self.rerouter.retries_exhausted(Stream::Send, delivery) {
-                    store::mark_failed(&self.pool, id, &format!("gave up: {reason}")).await?;
-                    Outcome::Failed.count();
-                } else {
+                if !self.rerouter.retries_exhausted(Stream::Send, delivery) {
                     store::release_for_retry(&self.pool, id, &reason).await?;
                     Outcome::RetryScheduled.count();
+                    return Ok(Disposition::retry(RetryCause::Plivo(reason)));
                 }
-                return Ok(Disposition::retry(RetryCause::Plivo(reason)));
+                // Out of retries: the job is dead-lettered (confirmed) before it is marked
+                // `failed`, so a `failed` job always has its dead letter to replay. Until then
+                // it stays `sending`: if this worker stops in between, the redelivery finds it
+                // so and it ends `unknown`, never sent twice.
+                let retry = Disposition::retry(RetryCause::Plivo(reason.clone()));
+                self.rerouter.reroute(Stream::Send, delivery, retry).await.map_err(Handling::Broker)?;
+                let gave_up = format!("gave up: {reason}");
+                let write = || store::mark_failed(&self.pool, id, &gave_up);
+                write
+                    .retry(crate::backoff::quick(Duration::from_millis(100), MARK_SUBMITTED_RETRIES))
+                    .when(crate::storage::is_transient)
+                    .await
+                    .map_err(Handling::Unrecorded)?;
+                Outcome::Failed.count();
             }
         }
         Ok(Disposition::Done)

@@ -81,6 +81,27 @@ async fn each_permanent_plivo_error_fails_the_message_without_retry(pool: PgPool
 }
 
 #[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_job_out_of_retries_is_dead_lettered_and_then_failed(pool: PgPool) {
+    let plivo = start_plivo().await;
+    // More 429s than the in-process retries and the two rungs of the test ladder take.
+    let refusals: Vec<ScriptedAnswer> = (0..20).map(|_| ScriptedAnswer::refuse(429, "too many requests")).collect();
+    plivo.script(&refusals).await;
+    let worker = start_worker(&pool, |s| {
+        use_plivo(s, &plivo);
+        s.sending.in_process_retries = 0;
+    })
+    .await;
+    let job = send_job("never accepted");
+    publish_job(&worker.publisher, &job).await;
+    let (_, reason) = next_send_dead_letter(&worker).await;
+    assert!(reason.starts_with("gave up after 2 retries: Plivo answered 429"), "{reason}");
+    let (_, status_reason) = wait_for_status(&pool, job.id, "failed").await;
+    assert!(status_reason.unwrap_or_default().starts_with("gave up: Plivo answered 429"));
+    assert_eq!(requests(&plivo).await, 3, "the first call and one per rung");
+    worker.stop().await.unwrap();
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_429_then_202_is_one_sms(pool: PgPool) {
     let plivo = start_plivo().await;
     plivo.script(&[ScriptedAnswer::refuse(429, "too many requests")]).await;
