@@ -112,13 +112,13 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/v1/messages", post(routes::send::create_message).get(routes::messages::list_messages))
         .route("/send-sms", post(routes::send::create_message))
         .route("/v1/messages/{id}", get(routes::messages::get_message))
-        .route("/v1/stats", get(routes::messages::stats))
-        .route("/v1/inbound", get(routes::messages::list_inbound))
+        .route("/v1/stats", get(routes::stats::stats))
+        .route("/v1/inbound", get(routes::inbound::list_inbound))
         .route(
             "/v1/opt-outs/{number}",
-            get(routes::messages::get_opt_outs)
-                .put(routes::messages::put_opt_out)
-                .delete(routes::messages::delete_opt_outs),
+            get(routes::opt_outs::get_opt_outs)
+                .put(routes::opt_outs::put_opt_out)
+                .delete(routes::opt_outs::delete_opt_outs),
         )
         .route("/openapi.json", get(routes::health::openapi))
         .route("/healthz", get(routes::health::healthz))

@@ -1,12 +1,20 @@
 pub mod auth;
 pub mod health;
+pub mod inbound;
 pub mod messages;
+pub mod opt_outs;
 pub mod plivo;
+pub mod query;
 pub mod send;
+pub mod stats;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use serde_json::Value;
+use shared::redact;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::error::IngressError;
 
@@ -23,5 +31,32 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<byte
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(IngressError::PayloadTooLarge { limit }),
         Err(e) => Err(IngressError::BadRequest(format!("cannot read request body: {e}"))),
+    }
+}
+
+/// A database error as the API answers it: 503 while the database is away, 500 otherwise.
+fn db_error(e: sqlx::Error) -> IngressError {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+            IngressError::DatabaseUnavailable(e.to_string())
+        }
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+            IngressError::DatabaseUnavailable(db.to_string())
+        }
+        other => IngressError::Internal(other.to_string()),
+    }
+}
+
+/// An RFC 3339 time, or `null`.
+fn rfc3339(t: Option<OffsetDateTime>) -> Value {
+    t.and_then(|t| t.format(&Rfc3339).ok()).map(Value::from).unwrap_or(Value::Null)
+}
+
+/// A phone number, in full for a token allowed to read it, else masked to its last digits.
+fn phone(raw: Option<&str>, full: bool) -> Value {
+    match raw {
+        Some(n) if full => n.into(),
+        Some(n) => redact::phone(n).into(),
+        None => Value::Null,
     }
 }

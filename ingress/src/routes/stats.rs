@@ -1,0 +1,55 @@
+//! The status API's delivery statistics over a time window.
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::auth::Caller;
+use super::query::{ApiQuery, parse_time};
+use super::{db_error, rfc3339};
+use crate::AppState;
+use crate::error::IngressError;
+use crate::storage::{self, GroupBy};
+
+/// `GET /v1/stats`'s parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+}
+
+pub async fn stats(
+    State(state): State<AppState>,
+    _: Caller,
+    ApiQuery(params): ApiQuery<StatsQuery>,
+) -> Result<Json<Value>, IngressError> {
+    let until = parse_time(params.to.as_deref(), "to")?.unwrap_or_else(OffsetDateTime::now_utc);
+    let since = parse_time(params.from.as_deref(), "from")?.unwrap_or(until - time::Duration::days(1));
+    if since >= until {
+        return Err(IngressError::BadRequest("from must be before to".into()));
+    }
+    let group_by_name = params.group_by.as_deref().unwrap_or("status");
+    let group_by = match group_by_name {
+        "status" => GroupBy::Status,
+        "error_code" => GroupBy::ErrorCode,
+        "hour" => GroupBy::Hour,
+        _ => return Err(IngressError::BadRequest("group_by must be status, error_code or hour".into())),
+    };
+    let groups = storage::stats(&state.db, since, until, group_by).await.map_err(db_error)?;
+    let (delivered, terminal) = storage::delivery_counts(&state.db, since, until).await.map_err(db_error)?;
+    let total: i64 = groups.iter().map(|g| g.count).sum();
+    Ok(Json(json!({
+        "from": rfc3339(Some(since)),
+        "to": rfc3339(Some(until)),
+        "group_by": group_by_name,
+        "total": total,
+        "groups": groups,
+        "delivered": delivered,
+        "terminal": terminal,
+        "delivery_rate": if terminal > 0 { Some(delivered as f64 / terminal as f64) } else { None },
+    })))
+}
