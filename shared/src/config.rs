@@ -189,6 +189,20 @@ pub struct HttpSettings {
     pub admin_listen: SocketAddr,
 }
 
+/// What the worker reads of `[http]`: the ingress's public URL, which its Plivo requests name
+/// as the callback address. The rest of `[http]` is the ingress's own.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CallbackUrlSettings {
+    #[serde(deserialize_with = "de::string")]
+    pub public_base_url: String,
+}
+
+impl CallbackUrlSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate_base_url("http.public_base_url", &self.public_base_url)
+    }
+}
+
 impl HttpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         validate_base_url("http.public_base_url", &self.public_base_url)?;
@@ -448,7 +462,7 @@ impl Validate for IngressSettings {
 pub struct WorkerSettings {
     pub worker: WorkerTuning,
     pub sending: SendingSettings,
-    pub http: HttpSettings,
+    pub http: CallbackUrlSettings,
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
     pub plivo: PlivoSettings,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret as _, SecretString};
-use shared::config::{HttpSettings, PlivoSettings, SendingSettings};
+use shared::config::{CallbackUrlSettings, PlivoSettings, SendingSettings};
 use shared::domain::send::{Sender, ValidSend};
 use shared::plivo::api::{SendMessageRequest, SendMessageResponse};
 use tracing::Instrument as _;
@@ -36,7 +36,7 @@ pub struct PlivoClient {
 }
 
 impl PlivoClient {
-    pub fn new(plivo: &PlivoSettings, http: &HttpSettings, sending: &SendingSettings) -> anyhow::Result<Self> {
+    pub fn new(plivo: &PlivoSettings, http: &CallbackUrlSettings, sending: &SendingSettings) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(plivo.connect_timeout_ms))
             .timeout(Duration::from_millis(plivo.request_timeout_ms))
