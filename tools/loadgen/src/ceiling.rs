@@ -151,9 +151,8 @@ async fn consume(
         }
         let Some(last) = deliveries.last() else { continue };
         if let Some(pool) = pool {
-            let updates: Vec<_> =
-                deliveries.iter().map(|d| worker::status::event::parse(&d.data)).collect::<Result<_, _>>()?;
-            worker::storage::apply_status_batch(pool, &updates).await?;
+            let payloads: Vec<&[u8]> = deliveries.iter().map(|d| d.data.as_slice()).collect();
+            worker::status::write_payloads(pool, &payloads).await?;
         }
         last.acker.ack(BasicAckOptions { multiple: true }).await?;
         seen += deliveries.len();
@@ -182,10 +181,9 @@ pub async fn measure(args: &CeilingArgs) -> anyhow::Result<Ceiling> {
     consume(&connection, &queue, args.count, args.batch, None).await?;
     let consume_ack = args.count as f64 / t.elapsed().as_secs_f64();
 
-    let updates: Vec<_> = data.iter().map(|p| worker::status::event::parse(p)).collect::<Result<_, _>>()?;
     let t = Instant::now();
-    for chunk in updates.chunks(args.batch) {
-        worker::storage::apply_status_batch(&pool, chunk).await?;
+    for chunk in data.chunks(args.batch) {
+        worker::status::write_payloads(&pool, chunk).await?;
     }
     let upsert = args.count as f64 / t.elapsed().as_secs_f64();
     cleanup(&pool, &run).await?;

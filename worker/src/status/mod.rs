@@ -18,6 +18,15 @@ use tracing::Instrument as _;
 use crate::broker::{self, Disposition, Rerouter, RetryCause, Session, SessionEnd};
 use crate::storage::{self, BatchOutcome};
 
+/// Writes queued status callbacks (their message bodies) as the status pipeline writes a batch,
+/// without a broker: the load generator measures the database's ceiling with it. Poison is an
+/// error here, not a dead letter.
+pub async fn write_payloads<P: AsRef<[u8]>>(pool: &PgPool, payloads: &[P]) -> anyhow::Result<u64> {
+    let updates: Vec<event::StatusUpdate> =
+        payloads.iter().map(|p| event::parse(p.as_ref())).collect::<Result<_, _>>()?;
+    Ok(storage::apply_status_batch(pool, &updates).await?.events_recorded)
+}
+
 /// Everything the status pipeline needs.
 pub struct StatusPipeline {
     pub settings: WorkerSettings,
