@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
@@ -104,6 +104,23 @@ impl IngressError {
     }
 }
 
+/// Every error's body: `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail<'a> {
+    /// Stable, for programs: `invalid_signature`, `invalid_field`, …
+    code: &'static str,
+    /// For people: names the problem, never echoes secrets, numbers or text.
+    message: String,
+    /// The refused field, for `invalid_field`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
 impl IntoResponse for IngressError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -123,11 +140,12 @@ impl IntoResponse for IngressError {
             Self::RateLimited(_, secs) => Some(*secs),
             _ => None,
         };
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
-        if let Self::InvalidField { field: Some(field), .. } = &self {
-            error["field"] = field.as_str().into();
-        }
-        let mut response = (status, Json(json!({ "error": error }))).into_response();
+        let field = match &self {
+            Self::InvalidField { field, .. } => field.as_deref(),
+            _ => None,
+        };
+        let body = ErrorBody { error: ErrorDetail { code: self.code(), message: self.to_string(), field } };
+        let mut response = (status, Json(body)).into_response();
         if let Some(secs) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -2,15 +2,46 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
-use super::query::{ApiQuery, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time};
-use super::{db_error, phone, rfc3339};
+use super::query::{ApiQuery, Page, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time};
+use super::{db_error, shown_phone};
 use crate::AppState;
 use crate::error::IngressError;
-use crate::storage::{self, InboundFilter};
+use crate::storage::{self, InboundFilter, InboundRow};
+
+/// An inbound SMS as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct InboundView {
+    message_uuid: String,
+    /// In full for a full-read token, else masked.
+    sender: Option<String>,
+    recipient: String,
+    /// Full-read tokens only.
+    text: Option<String>,
+    #[serde(rename = "type")]
+    message_type: String,
+    units: Option<i32>,
+    intent: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    received_at: time::OffsetDateTime,
+}
+
+impl InboundView {
+    fn new(row: InboundRow, full: bool) -> Self {
+        Self {
+            sender: shown_phone(Some(&row.sender), full),
+            message_uuid: row.message_uuid,
+            recipient: row.recipient,
+            text: if full { row.body } else { None },
+            message_type: row.message_type,
+            units: row.units,
+            intent: row.intent,
+            received_at: row.received_at,
+        }
+    }
+}
 
 /// `GET /v1/inbound`'s parameters.
 #[derive(Debug, Deserialize)]
@@ -28,7 +59,7 @@ pub async fn list_inbound(
     State(state): State<AppState>,
     token: Caller,
     ApiQuery(params): ApiQuery<InboundListQuery>,
-) -> Result<Json<Value>, IngressError> {
+) -> Result<Json<Page<InboundView>>, IngressError> {
     let limit = parse_limit(params.limit.as_deref())?;
     let filter = InboundFilter {
         sender: parse_phone(params.sender.as_deref(), "sender")?,
@@ -43,20 +74,6 @@ pub async fn list_inbound(
         rows.truncate(limit as usize);
         rows.last().map(|r| encode_cursor(r.received_at, &r.message_uuid))
     });
-    let data: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "message_uuid": r.message_uuid,
-                "sender": phone(Some(&r.sender), token.full_read),
-                "recipient": r.recipient,
-                "text": if token.full_read { r.body.clone() } else { None },
-                "type": r.message_type,
-                "units": r.units,
-                "intent": r.intent,
-                "received_at": rfc3339(Some(r.received_at)),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "data": data, "next_cursor": next.flatten() })))
+    let data = rows.into_iter().map(|r| InboundView::new(r, token.full_read)).collect();
+    Ok(Json(Page { data, next_cursor: next.flatten() }))
 }

@@ -4,17 +4,19 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use shared::domain::MessageStatus;
-use shared::plivo::errors::classify;
+use shared::plivo::errors::{Retryability, classify};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 use super::auth::Caller;
-use super::query::{ApiQuery, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time, parse_uuid};
-use super::{db_error, phone, rfc3339};
+use super::query::{ApiQuery, Page, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time, parse_uuid};
+use super::{db_error, shown_phone};
 use crate::AppState;
 use crate::error::IngressError;
-use crate::storage::{self, MessageFilter, MessageRow};
+use crate::storage::{self, EventRow, MessageFilter, MessageRow};
 
 /// `GET /v1/messages`'s parameters.
 #[derive(Debug, Deserialize)]
@@ -30,67 +32,125 @@ pub struct MessageListQuery {
     cursor: Option<String>,
 }
 
-fn message_json(row: &MessageRow, full: bool) -> Value {
-    let error = row.error_code.map(|code| {
-        let info = classify(code.unsigned_abs());
-        json!({ "code": code, "reason": info.reason, "retryability": info.retryability })
-    });
-    json!({
-        "id": row.id,
-        "message_uuid": row.message_uuid,
-        "status": row.status,
-        "status_reason": row.status_reason,
-        "error": error,
-        "sender": row.sender,
-        "recipient": phone(row.recipient.as_deref(), full),
-        "encoding": row.encoding,
-        "segments": row.segments,
-        "units": row.units,
-        "amount": row.amount,
-        "attempts": row.attempts,
-        "metadata": row.metadata,
-        "accepted_at": rfc3339(row.accepted_at),
-        "submitted_at": rfc3339(row.submitted_at),
-        "last_event_at": rfc3339(row.last_event_at),
-        "terminal_at": rfc3339(row.terminal_at),
-        "created_at": rfc3339(Some(row.created_at)),
-        "updated_at": rfc3339(Some(row.updated_at)),
-    })
+/// A message as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    id: Uuid,
+    message_uuid: Option<String>,
+    status: String,
+    status_reason: Option<String>,
+    error: Option<ErrorView>,
+    sender: Option<String>,
+    /// In full for a full-read token, else masked.
+    recipient: Option<String>,
+    encoding: Option<String>,
+    segments: Option<i16>,
+    units: Option<i32>,
+    amount: Option<String>,
+    attempts: i32,
+    metadata: Value,
+    #[serde(with = "time::serde::rfc3339::option")]
+    accepted_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    submitted_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_event_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    terminal_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+    /// Only in the view of one message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events: Option<Vec<EventView>>,
+}
+
+/// Plivo's error code and what it means.
+#[derive(Debug, Serialize)]
+pub struct ErrorView {
+    code: i32,
+    reason: &'static str,
+    retryability: Retryability,
+}
+
+/// One callback of a message.
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    status: String,
+    sequence: Option<i64>,
+    error_code: Option<i32>,
+    #[serde(with = "time::serde::rfc3339")]
+    received_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    recorded_at: OffsetDateTime,
+    /// Every field Plivo sent: full-read tokens only (it holds numbers and text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<Value>,
+}
+
+impl MessageView {
+    fn new(row: MessageRow, full: bool) -> Self {
+        let error = row.error_code.map(|code| {
+            let info = classify(code.unsigned_abs());
+            ErrorView { code, reason: info.reason, retryability: info.retryability }
+        });
+        Self {
+            id: row.id,
+            message_uuid: row.message_uuid,
+            status: row.status,
+            status_reason: row.status_reason,
+            error,
+            sender: row.sender,
+            recipient: shown_phone(row.recipient.as_deref(), full),
+            encoding: row.encoding,
+            segments: row.segments,
+            units: row.units,
+            amount: row.amount,
+            attempts: row.attempts,
+            metadata: row.metadata,
+            accepted_at: row.accepted_at,
+            submitted_at: row.submitted_at,
+            last_event_at: row.last_event_at,
+            terminal_at: row.terminal_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            events: None,
+        }
+    }
+}
+
+impl EventView {
+    fn new(row: EventRow, full: bool) -> Self {
+        Self {
+            status: row.status,
+            sequence: row.sequence,
+            error_code: row.error_code,
+            received_at: row.received_at,
+            recorded_at: row.recorded_at,
+            params: full.then_some(row.params),
+        }
+    }
 }
 
 pub async fn get_message(
     State(state): State<AppState>,
     token: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, IngressError> {
+) -> Result<Json<MessageView>, IngressError> {
     let id = parse_uuid(&id, "the message id (ours or Plivo's MessageUUID)")?;
     let row = storage::message(&state.db, id).await.map_err(db_error)?.ok_or(IngressError::NotFoundMessage)?;
     let events = storage::events(&state.db, row.id).await.map_err(db_error)?;
-    let mut body = message_json(&row, token.full_read);
-    body["events"] = events
-        .iter()
-        .map(|e| {
-            let mut event = json!({
-                "status": e.status,
-                "sequence": e.sequence,
-                "error_code": e.error_code,
-                "received_at": rfc3339(Some(e.received_at)),
-                "recorded_at": rfc3339(Some(e.recorded_at)),
-            });
-            if token.full_read {
-                event["params"] = e.params.clone();
-            }
-            event
-        })
-        .collect();
-    Ok(Json(body))
+    let mut view = MessageView::new(row, token.full_read);
+    view.events = Some(events.into_iter().map(|e| EventView::new(e, token.full_read)).collect());
+    Ok(Json(view))
 }
 
 pub async fn list_messages(
     State(state): State<AppState>,
     token: Caller,
     ApiQuery(params): ApiQuery<MessageListQuery>,
-) -> Result<Json<Value>, IngressError> {
+) -> Result<Json<Page<MessageView>>, IngressError> {
     let status = params
         .status
         .as_deref()
@@ -125,6 +185,6 @@ pub async fn list_messages(
         rows.truncate(limit as usize);
         rows.last().map(|r| encode_cursor(r.created_at, &r.id.to_string()))
     });
-    let data: Vec<Value> = rows.iter().map(|r| message_json(r, token.full_read)).collect();
-    Ok(Json(json!({ "data": data, "next_cursor": next.flatten() })))
+    let data = rows.into_iter().map(|r| MessageView::new(r, token.full_read)).collect();
+    Ok(Json(Page { data, next_cursor: next.flatten() }))
 }

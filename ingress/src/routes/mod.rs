@@ -11,10 +11,7 @@ pub mod stats;
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use serde_json::Value;
 use shared::redact;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::error::IngressError;
 
@@ -47,16 +44,7 @@ fn db_error(e: sqlx::Error) -> IngressError {
     }
 }
 
-/// An RFC 3339 time, or `null`.
-fn rfc3339(t: Option<OffsetDateTime>) -> Value {
-    t.and_then(|t| t.format(&Rfc3339).ok()).map(Value::from).unwrap_or(Value::Null)
-}
-
 /// A phone number, in full for a token allowed to read it, else masked to its last digits.
-fn phone(raw: Option<&str>, full: bool) -> Value {
-    match raw {
-        Some(n) if full => n.into(),
-        Some(n) => redact::phone(n).into(),
-        None => Value::Null,
-    }
+fn shown_phone(raw: Option<&str>, full: bool) -> Option<String> {
+    raw.map(|n| if full { n.to_owned() } else { redact::phone(n) })
 }

@@ -16,6 +16,13 @@ use crate::error::IngressError;
 pub const DEFAULT_PAGE: i64 = 50;
 pub const MAX_PAGE: i64 = 200;
 
+/// One page of a list, and the cursor of the next (`None`: this is the last).
+#[derive(Debug, serde::Serialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
 /// A typed query string; one that does not fit `T` (an unknown or repeated parameter) is
 /// answered 400 in the API's error shape.
 pub struct ApiQuery<T>(pub T);

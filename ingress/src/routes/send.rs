@@ -5,11 +5,12 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use shared::amqp::Stream;
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
+use shared::domain::MessageStatus;
+use shared::domain::sms::Encoding;
 use uuid::Uuid;
 
 use super::auth::Caller;
@@ -33,6 +34,17 @@ struct SendRequest {
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     callback: Option<String>,
+}
+
+/// The answer to a queued send job (202).
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    id: Uuid,
+    status: MessageStatus,
+    encoding: Encoding,
+    segments: u16,
+    /// Where the message's status can be read.
+    location: String,
 }
 
 /// The largest send request: 1,600 characters of text written as JSON escapes, the largest
@@ -99,13 +111,13 @@ pub async fn create_message(
     tracing::info!(message_id = %id, to = %valid.to.masked(), segments = valid.sms.segments, "send job queued");
 
     let location = format!("/v1/messages/{id}");
-    let body = json!({
-        "id": id,
-        "status": "accepted",
-        "encoding": valid.sms.encoding,
-        "segments": valid.sms.segments,
-        "location": location,
-    });
+    let body = Accepted {
+        id,
+        status: MessageStatus::Accepted,
+        encoding: valid.sms.encoding,
+        segments: valid.sms.segments,
+        location: location.clone(),
+    };
     let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, value);

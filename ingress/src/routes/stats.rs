@@ -2,16 +2,32 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::auth::Caller;
+use super::db_error;
 use super::query::{ApiQuery, parse_time};
-use super::{db_error, rfc3339};
 use crate::AppState;
 use crate::error::IngressError;
 use crate::storage::{self, GroupBy};
+
+/// Delivery statistics over `from`..`to`.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    #[serde(with = "time::serde::rfc3339")]
+    from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    to: OffsetDateTime,
+    group_by: String,
+    total: i64,
+    groups: Vec<storage::StatsGroup>,
+    delivered: i64,
+    /// Messages that reached a final status in the window.
+    terminal: i64,
+    /// `delivered / terminal`; `None` without any final status.
+    delivery_rate: Option<f64>,
+}
 
 /// `GET /v1/stats`'s parameters.
 #[derive(Debug, Deserialize)]
@@ -26,7 +42,7 @@ pub async fn stats(
     State(state): State<AppState>,
     _: Caller,
     ApiQuery(params): ApiQuery<StatsQuery>,
-) -> Result<Json<Value>, IngressError> {
+) -> Result<Json<StatsView>, IngressError> {
     let until = parse_time(params.to.as_deref(), "to")?.unwrap_or_else(OffsetDateTime::now_utc);
     let since = parse_time(params.from.as_deref(), "from")?.unwrap_or(until - time::Duration::days(1));
     if since >= until {
@@ -42,14 +58,15 @@ pub async fn stats(
     let groups = storage::stats(&state.db, since, until, group_by).await.map_err(db_error)?;
     let (delivered, terminal) = storage::delivery_counts(&state.db, since, until).await.map_err(db_error)?;
     let total: i64 = groups.iter().map(|g| g.count).sum();
-    Ok(Json(json!({
-        "from": rfc3339(Some(since)),
-        "to": rfc3339(Some(until)),
-        "group_by": group_by_name,
-        "total": total,
-        "groups": groups,
-        "delivered": delivered,
-        "terminal": terminal,
-        "delivery_rate": if terminal > 0 { Some(delivered as f64 / terminal as f64) } else { None },
-    })))
+    let delivery_rate = (terminal > 0).then(|| delivered as f64 / terminal as f64);
+    Ok(Json(StatsView {
+        from: since,
+        to: until,
+        group_by: group_by_name.to_owned(),
+        total,
+        groups,
+        delivered,
+        terminal,
+        delivery_rate,
+    }))
 }
