@@ -2,6 +2,7 @@
 //! operator's opt-out changes. Callbacks never touch the database; only these do.
 
 use serde::Serialize;
+use shared::domain::InboundSms;
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -156,18 +157,6 @@ pub async fn delivery_counts(
     .await
 }
 
-#[derive(Debug, Clone, FromRow)]
-pub struct InboundRow {
-    pub message_uuid: String,
-    pub sender: String,
-    pub recipient: String,
-    pub body: Option<String>,
-    pub message_type: String,
-    pub units: Option<i32>,
-    pub intent: Option<String>,
-    pub received_at: OffsetDateTime,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct InboundFilter {
     pub sender: Option<String>,
@@ -178,7 +167,7 @@ pub struct InboundFilter {
     pub limit: i64,
 }
 
-pub async fn inbound(pool: &PgPool, filter: &InboundFilter) -> Result<Vec<InboundRow>, sqlx::Error> {
+pub async fn inbound(pool: &PgPool, filter: &InboundFilter) -> Result<Vec<InboundSms>, sqlx::Error> {
     let mut q = QueryBuilder::<Postgres>::new(
         "SELECT message_uuid, sender, recipient, body, message_type, units, intent, received_at FROM inbound_messages WHERE TRUE",
     );

@@ -16,6 +16,7 @@ use lapin::message::Delivery;
 use shared::amqp::contracts::CallbackEvent;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
+use shared::domain::InboundSms;
 use shared::domain::phone::{party_identity, their_identity};
 use shared::plivo::callback::{self, field, non_empty};
 use sqlx::PgPool;
@@ -42,16 +43,10 @@ pub enum Consent {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboundMessage {
-    pub message_uuid: String,
-    pub sender: String,
-    pub recipient: String,
-    pub body: Option<String>,
-    pub message_type: String,
-    pub units: Option<i32>,
+    /// What the status API shows of it.
+    pub sms: InboundSms,
     pub amount: Option<String>,
-    pub intent: Option<String>,
     pub params: serde_json::Value,
-    pub received_at: OffsetDateTime,
     /// When the recipient sent it: Plivo's `MessageTime` if given, else the time inside a
     /// time-based MessageUUID, else when the ingress received it.
     pub sent_at: OffsetDateTime,
@@ -103,16 +98,18 @@ pub fn parse(payload: &[u8]) -> Result<InboundMessage, DeadReason> {
     // Stored as status callbacks' are: a repeated field keeps every value.
     let params = serde_json::from_str(&callback::fields_json(&event.params)).unwrap_or_default();
     Ok(InboundMessage {
-        message_uuid,
-        sender,
-        recipient,
-        body,
-        message_type: value(field::TYPE).unwrap_or("sms").to_owned(),
-        units: value(field::UNITS).and_then(|u| u.parse().ok()),
+        sms: InboundSms {
+            message_uuid,
+            sender,
+            recipient,
+            body,
+            message_type: value(field::TYPE).unwrap_or("sms").to_owned(),
+            units: value(field::UNITS).and_then(|u| u.parse().ok()),
+            intent,
+            received_at: event.received_at,
+        },
         amount: callback::plausible_amount(value(field::TOTAL_AMOUNT)),
-        intent,
         params,
-        received_at: event.received_at,
         sent_at,
         consent,
     })
@@ -162,7 +159,7 @@ impl InboundPipeline {
             Ok(message) => match storage::inbound::record(&self.pool, &message).await {
                 Ok(first_time) => {
                     if first_time && message.consent != Consent::None {
-                        tracing::info!(sender = %shared::redact::phone(&message.sender), consent = ?message.consent, "consent recorded");
+                        tracing::info!(sender = %shared::redact::phone(&message.sms.sender), consent = ?message.consent, "consent recorded");
                     }
                     Disposition::Done
                 }
@@ -210,7 +207,7 @@ mod tests {
         assert_eq!(parse(&event("START", "")).unwrap().consent, Consent::OptIn { sender: ours.clone() });
         assert_eq!(parse(&event("hi", "optin")).unwrap().consent, Consent::OptIn { sender: ours });
         assert_eq!(parse(&event("stopping by later", "")).unwrap().consent, Consent::None);
-        assert_eq!(parse(&event("hello", "")).unwrap().sender, "+14155552671");
+        assert_eq!(parse(&event("hello", "")).unwrap().sms.sender, "+14155552671");
     }
 
     #[test]
@@ -218,7 +215,7 @@ mod tests {
         let params = [("From", "14155552671"), ("To", "12345"), ("Text", "STOP"), ("MessageUUID", "in-2")];
         let message = parse(&serde_json::to_vec(&shared::testing::callback_event(&params)).unwrap()).unwrap();
         assert_eq!(message.consent, Consent::OptOut { sender: "12345".into(), source: "keyword" });
-        assert_eq!(message.recipient, "12345");
+        assert_eq!(message.sms.recipient, "12345");
     }
 
     #[test]
@@ -235,6 +232,6 @@ mod tests {
         let explicit = with("db3ce55a-7f1d-11e1-8ea7-1231380bc196", &[("MessageTime", "2024-05-14 09:12:44.319284")]);
         assert_eq!(explicit.sent_at.unix_timestamp(), 1_715_677_964);
         let neither = with("not-a-uuid", &[]);
-        assert_eq!(neither.sent_at, neither.received_at);
+        assert_eq!(neither.sent_at, neither.sms.received_at);
     }
 }

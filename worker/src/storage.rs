@@ -393,16 +393,16 @@ pub mod inbound {
             r#"INSERT INTO inbound_messages (message_uuid, sender, recipient, body, message_type, units, amount, intent, params, received_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7::text::numeric, $8, $9, $10)
                ON CONFLICT (message_uuid) DO NOTHING"#,
-            message.message_uuid,
-            message.sender,
-            message.recipient,
-            message.body,
-            message.message_type,
-            message.units,
+            message.sms.message_uuid,
+            message.sms.sender,
+            message.sms.recipient,
+            message.sms.body,
+            message.sms.message_type,
+            message.sms.units,
             message.amount,
-            message.intent,
+            message.sms.intent,
             message.params,
-            message.received_at,
+            message.sms.received_at,
         )
         .execute(&mut *tx)
         .await?
@@ -416,10 +416,10 @@ pub mod inbound {
                          VALUES ($1, $2, $3, $4, $5)
                          ON CONFLICT (recipient, sender) DO UPDATE
                              SET opted_out_at = GREATEST(opt_outs.opted_out_at, EXCLUDED.opted_out_at)",
-                        message.sender,
+                        message.sms.sender,
                         sender,
                         source,
-                        message.message_uuid,
+                        message.sms.message_uuid,
                         message.sent_at
                     )
                     .execute(&mut *tx)
@@ -429,7 +429,7 @@ pub mod inbound {
                     // Only an opt-out the recipient made before this START; a STOPALL stays.
                     sqlx::query!(
                         "DELETE FROM opt_outs WHERE recipient = $1 AND sender = $2 AND opted_out_at < $3",
-                        message.sender,
+                        message.sms.sender,
                         sender,
                         message.sent_at
                     )

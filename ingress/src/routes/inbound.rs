@@ -3,13 +3,14 @@
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use shared::domain::InboundSms;
 
 use super::auth::Caller;
 use super::query::{ApiQuery, Page, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time};
 use super::{db_error, shown_phone};
 use crate::AppState;
 use crate::error::IngressError;
-use crate::storage::{self, InboundFilter, InboundRow};
+use crate::storage::{self, InboundFilter};
 
 /// An inbound SMS as the API shows it.
 #[derive(Debug, Serialize)]
@@ -29,7 +30,7 @@ pub struct InboundView {
 }
 
 impl InboundView {
-    fn new(row: InboundRow, full: bool) -> Self {
+    fn new(row: InboundSms, full: bool) -> Self {
         Self {
             sender: shown_phone(Some(&row.sender), full),
             message_uuid: row.message_uuid,

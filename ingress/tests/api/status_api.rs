@@ -18,6 +18,10 @@ async fn app_on(pool: &PgPool) -> TestApp {
         s.api.tokens = vec![SecretString::from(TOKEN)];
         s.api.full_read_tokens = vec![SecretString::from(FULL_TOKEN)];
         s.database.url = SecretString::from(url);
+        // These tests are about answers, not timeouts: a CI machine busy with the whole suite
+        // must not turn a slow database write into a 408.
+        s.http.request_timeout_ms = 30_000;
+        s.database.acquire_timeout_ms = 30_000;
     })
     .await;
     app.wait_ready().await;
