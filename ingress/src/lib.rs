@@ -392,9 +392,13 @@ async fn serve(
         let (id, evicted) = waiting.add();
         let Ok(service) = make_service.call(peer).await;
         let served = waiting.clone();
+        let first_request = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let service = service.map_request(move |request: Request<hyper::body::Incoming>| {
-            // A whole request head arrived: this connection is a client's, not a slowloris.
-            served.remove(id);
+            // A whole request head arrived: this connection is a client's, not a slowloris. Only
+            // the first one takes the lock; keep-alive requests after it cost nothing here.
+            if first_request.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                served.remove(id);
+            }
             request.map(axum::body::Body::new)
         });
         let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)).into_owned();

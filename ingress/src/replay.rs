@@ -56,9 +56,8 @@ impl ReplayCache {
         Begin::Fresh(Publishing { cache: self, key, queued: false })
     }
 
-    /// Remembers a request once it is durably queued.
-    fn remember(&self, key: [u8; 32]) {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+    /// Remembers a request once it is durably queued (`seen`: the cache, locked).
+    fn remember(&self, seen: &mut Seen, key: [u8; 32]) {
         let now = Instant::now();
         while let Some(oldest) = seen.order.front().copied() {
             let expired = seen.at.get(&oldest).is_none_or(|at| now.duration_since(*at) >= self.ttl);
@@ -96,10 +95,11 @@ impl Publishing<'_> {
 
 impl Drop for Publishing<'_> {
     fn drop(&mut self) {
+        let mut seen = self.cache.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.in_flight.remove(&self.key);
         if self.queued {
-            self.cache.remember(self.key);
+            self.cache.remember(&mut seen, self.key);
         }
-        self.cache.seen.lock().unwrap_or_else(|e| e.into_inner()).in_flight.remove(&self.key);
     }
 }
 
@@ -131,7 +131,7 @@ mod tests {
         let keys: Vec<[u8; 32]> = (0..5).map(|i| ReplayCache::key("v3", "POST", "u", &[], &i.to_string())).collect();
         assert!(!cache.seen(&keys[0]));
         for key in &keys {
-            cache.remember(*key);
+            cache.remember(&mut cache.seen.lock().unwrap(), *key);
         }
         assert!(keys[2..].iter().all(|k| cache.seen(k)), "the newest three are kept");
         assert!(!cache.seen(&keys[0]) && !cache.seen(&keys[1]), "the oldest went when it was full");
@@ -150,7 +150,7 @@ mod tests {
         );
 
         let short = ReplayCache::new(Duration::from_millis(0), 10);
-        short.remember(keys[0]);
+        short.remember(&mut short.seen.lock().unwrap(), keys[0]);
         assert!(!short.seen(&keys[0]), "forgotten after its TTL");
     }
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use shared::amqp::Stream;
 use shared::amqp::contracts::CallbackEvent;
 use shared::plivo::signature::{SignedCallback, SignedRequest, sign_v3};
-use shared::testing::{TEST_AUTH_TOKEN, TestBroker};
+use shared::testing::{Probe, TEST_AUTH_TOKEN, TestBroker};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +62,7 @@ async fn the_edge_under_attack_keeps_valid_callbacks_flowing() {
     let ((), baseline) = ingress.probe_while("baseline", tokio::time::sleep(Duration::from_secs(3))).await;
     assert!(baseline.sent > 100 && baseline.accepted == baseline.sent, "no attack: {}", baseline.summary());
     let p99_bound = (baseline.quantile_ms(0.99) * P99_FACTOR).max(P99_FLOOR_MS);
-    record(&mut report, json!({"attack": "none (baseline)", "valid": baseline.figures()}));
+    record(&mut report, json!({"attack": "none (baseline)", "valid": figures(&baseline)}));
     let mut probes = vec![("baseline", baseline.accepted)];
     let mut check = |name: &'static str, probe: &Probe| {
         assert!(
@@ -116,7 +116,7 @@ async fn the_edge_under_attack_keeps_valid_callbacks_flowing() {
             "slowest_close_after_the_answer_ms": slowest_close.map(|d| d.as_millis() as u64),
             "rss_mib_before": rss_before / 1024,
             "rss_mib_peak": peak_rss_kib / 1024,
-            "valid": valid.figures(),
+            "valid": figures(&valid),
         }),
     );
 
@@ -152,7 +152,7 @@ async fn the_edge_under_attack_keeps_valid_callbacks_flowing() {
             "evicted_or_refused": early.len(),
             "held_closed_by_s": round(slowest.as_secs_f64()),
             "new_connections_answered_200": fresh.len(),
-            "valid": valid.figures(),
+            "valid": figures(&valid),
         }),
     );
 
@@ -165,7 +165,7 @@ async fn the_edge_under_attack_keeps_valid_callbacks_flowing() {
         json!({
             "attack": format!("{SLOW_READERS} clients asking for /openapi.json with a 4 KiB receive buffer, never reading"),
             "still_open_after_10_s": held,
-            "valid": valid.figures(),
+            "valid": figures(&valid),
         }),
     );
 
@@ -184,21 +184,21 @@ async fn the_edge_under_attack_keeps_valid_callbacks_flowing() {
             "answered_404_or_405": answered,
             "http_series_before": series_before.len(),
             "http_series_after": series_after.len(),
-            "valid": valid.figures(),
+            "valid": figures(&valid),
         }),
     );
 
     // (d) Replays of captured callbacks, and the same signatures on other methods and shapes.
     let (replays, valid) = ingress.probe_while("replays", replays(&ingress)).await;
     check("replays", &valid);
-    record(&mut report, json!({"attack": "captured callbacks replayed", "answers": replays, "valid": valid.figures()}));
+    record(&mut report, json!({"attack": "captured callbacks replayed", "answers": replays, "valid": figures(&valid)}));
 
     // Forgeries: refused from their headers alone, or after one bounded read and one HMAC.
     let (forgeries, valid) = ingress.probe_while("forgeries", forgeries(&ingress)).await;
     check("forgeries", &valid);
     record(
         &mut report,
-        json!({"attack": format!("forged callbacks, {FORGERY_CONNECTIONS} connections back to back"), "refused": forgeries, "valid": valid.figures()}),
+        json!({"attack": format!("forged callbacks, {FORGERY_CONNECTIONS} connections back to back"), "refused": forgeries, "valid": figures(&valid)}),
     );
 
     // What reached the broker: every valid callback once, the replayed ones once, nothing else.
@@ -403,39 +403,14 @@ impl RssSampler {
     }
 }
 
-#[derive(Debug, Default)]
-struct Probe {
-    sent: usize,
-    accepted: usize,
-    latencies_ms: Vec<f64>,
-}
-
-impl Probe {
-    fn quantile_ms(&self, q: f64) -> f64 {
-        let mut sorted = self.latencies_ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-        sorted.get(index).copied().unwrap_or(f64::NAN)
-    }
-
-    fn summary(&self) -> String {
-        format!(
-            "{} of {} answered 200, p50 {:.1} ms, p99 {:.1} ms",
-            self.accepted,
-            self.sent,
-            self.quantile_ms(0.5),
-            self.quantile_ms(0.99)
-        )
-    }
-
-    fn figures(&self) -> serde_json::Value {
-        json!({
-            "sent": self.sent,
-            "answered_200": self.accepted,
-            "p50_ms": round(self.quantile_ms(0.5)),
-            "p99_ms": round(self.quantile_ms(0.99)),
-        })
-    }
+/// A probe's figures for the report.
+fn figures(probe: &Probe) -> serde_json::Value {
+    json!({
+        "sent": probe.sent,
+        "answered_200": probe.accepted,
+        "p50_ms": round(probe.quantile_ms(0.5)),
+        "p99_ms": round(probe.quantile_ms(0.99)),
+    })
 }
 
 /// A callback signed as Plivo signs it, for the URL it is sent to (`get`: fields in the query).

@@ -154,6 +154,35 @@ impl Drop for TestBroker {
     }
 }
 
+/// Answers to valid callbacks sent while something else went on (a fault, an attack).
+#[derive(Debug, Default, Clone)]
+pub struct Probe {
+    pub sent: usize,
+    pub accepted: usize,
+    pub latencies_ms: Vec<f64>,
+}
+
+impl Probe {
+    /// The latency at quantile `q` (0..=1) of the accepted callbacks, in ms.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let mut sorted = self.latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+        sorted.get(index).copied().unwrap_or(f64::NAN)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} of {} valid callbacks answered 200, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.accepted,
+            self.sent,
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.99),
+            self.quantile_ms(1.0)
+        )
+    }
+}
+
 /// A callback event as the ingress would queue it, carrying `params`.
 pub fn callback_event(params: &[(&str, &str)]) -> crate::amqp::contracts::CallbackEvent {
     use crate::amqp::contracts::CallbackEvent;

@@ -70,11 +70,11 @@ pub async fn list_inbound(
         after: params.cursor.as_deref().map(decode_cursor).transpose()?,
         limit: limit + 1,
     };
-    let mut rows = storage::inbound(&state.db, &filter).await.map_err(db_error)?;
-    let next = (rows.len() as i64 > limit).then(|| {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| encode_cursor(r.received_at, &r.message_uuid))
-    });
-    let data = rows.into_iter().map(|r| InboundView::new(r, token.full_read)).collect();
-    Ok(Json(Page { data, next_cursor: next.flatten() }))
+    let rows = storage::inbound(&state.db, &filter).await.map_err(db_error)?;
+    Ok(Json(Page::from_rows(
+        rows,
+        limit,
+        |r| encode_cursor(r.received_at, &r.message_uuid),
+        |r| InboundView::new(r, token.full_read),
+    )))
 }

@@ -180,11 +180,11 @@ pub async fn list_messages(
         after,
         limit: limit + 1,
     };
-    let mut rows = storage::list(&state.db, &filter).await.map_err(db_error)?;
-    let next = (rows.len() as i64 > limit).then(|| {
-        rows.truncate(limit as usize);
-        rows.last().map(|r| encode_cursor(r.created_at, &r.id.to_string()))
-    });
-    let data = rows.into_iter().map(|r| MessageView::new(r, token.full_read)).collect();
-    Ok(Json(Page { data, next_cursor: next.flatten() }))
+    let rows = storage::list(&state.db, &filter).await.map_err(db_error)?;
+    Ok(Json(Page::from_rows(
+        rows,
+        limit,
+        |r| encode_cursor(r.created_at, &r.id.to_string()),
+        |r| MessageView::new(r, token.full_read),
+    )))
 }

@@ -23,6 +23,20 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page of `limit` from `rows`, which were fetched `limit + 1` at most: a row past the
+    /// limit says there is a next page, whose cursor is the last shown row's (`cursor`).
+    pub fn from_rows<R>(mut rows: Vec<R>, limit: i64, cursor: impl Fn(&R) -> String, view: impl FnMut(R) -> T) -> Self {
+        let next_cursor = (rows.len() as i64 > limit)
+            .then(|| {
+                rows.truncate(limit as usize);
+                rows.last().map(&cursor)
+            })
+            .flatten();
+        Self { data: rows.into_iter().map(view).collect(), next_cursor }
+    }
+}
+
 /// A typed query string; one that does not fit `T` (an unknown or repeated parameter) is
 /// answered 400 in the API's error shape.
 pub struct ApiQuery<T>(pub T);

@@ -119,8 +119,6 @@ pub fn sign_v3(token: &str, req: &SignedRequest<'_>) -> Result<String, UrlError>
 /// tests build their callbacks here, so there is one way to sign one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedCallback {
-    /// `GET` or `POST`.
-    pub method: &'static str,
     /// The URL that was signed, with a GET's fields appended to its query.
     pub url: String,
     /// `X-Plivo-Signature-V3` and `X-Plivo-Signature-V3-Nonce`, with their values.
@@ -141,16 +139,15 @@ impl SignedCallback {
         };
         let signature = sign_v3(token, &SignedRequest { method, url: &url, body, nonce })?;
         Ok(Self {
-            method,
             url,
-            headers: [("X-Plivo-Signature-V3", signature), ("X-Plivo-Signature-V3-Nonce", nonce.to_owned())],
+            headers: [(V3_HEADER, signature), (V3_NONCE_HEADER, nonce.to_owned())],
             form: (!get).then_some(encoded),
         })
     }
 
     /// Every header to send: the signature's two, and a POST's content type.
     pub fn wire_headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        let content_type = self.form.as_ref().map(|_| ("Content-Type", "application/x-www-form-urlencoded"));
+        let content_type = self.form.as_ref().map(|_| ("content-type", "application/x-www-form-urlencoded"));
         self.headers.iter().map(|(name, value)| (*name, value.as_str())).chain(content_type)
     }
 

@@ -24,9 +24,10 @@ pub mod system;
 pub mod traffic;
 
 pub use report::Outcome;
+pub use shared::testing::Probe;
 pub use stack::{API_TOKEN, SIM_AUTH_ID, Stack};
 pub use system::{BrokerStopped, System, rabbitmqctl};
-pub use traffic::{Callbacks, Probe, Traffic};
+pub use traffic::{Callbacks, Traffic};
 
 /// Short (CI) or long (on demand) profile.
 pub fn long_profile() -> bool {

@@ -6,38 +6,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::FusedFuture as _;
 use futures_util::{FutureExt as _, StreamExt as _};
-use shared::testing::TEST_AUTH_TOKEN;
+use shared::testing::{Probe, TEST_AUTH_TOKEN};
 
 use crate::API_TOKEN;
-
-/// Answers to valid callbacks sent while a scenario ran.
-#[derive(Debug, Default, Clone)]
-pub struct Probe {
-    pub sent: usize,
-    pub accepted: usize,
-    pub latencies_ms: Vec<f64>,
-}
-
-impl Probe {
-    /// The latency at quantile `q` (0..=1) of the accepted callbacks, in ms.
-    pub fn quantile_ms(&self, q: f64) -> f64 {
-        let mut sorted = self.latencies_ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-        sorted.get(index).copied().unwrap_or(f64::NAN)
-    }
-
-    pub fn summary(&self) -> String {
-        format!(
-            "{} of {} valid callbacks answered 200, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.accepted,
-            self.sent,
-            self.quantile_ms(0.5),
-            self.quantile_ms(0.99),
-            self.quantile_ms(1.0)
-        )
-    }
-}
 
 /// Posts signed callbacks to the ingress; cheap to clone into a task of its own.
 #[derive(Clone)]
