@@ -105,12 +105,13 @@ impl IngressError {
 }
 
 /// Every error's body: `{"error": {"code", "message", "field"?}}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
 pub struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct ErrorDetail<'a> {
     /// Stable, for programs: `invalid_signature`, `invalid_field`, …
     code: &'static str,
@@ -154,4 +155,74 @@ impl IntoResponse for IngressError {
         }
         response
     }
+}
+
+/// The refusals of every route that takes an API token, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+pub enum CallerRefusals {
+    #[response(status = 401, description = "No bearer token")]
+    Unauthorized(ErrorBody<'static>),
+    #[response(status = 403, description = "Token not accepted")]
+    Forbidden(ErrorBody<'static>),
+    #[response(
+        status = 429,
+        description = "This token's request rate is exceeded",
+        headers(("Retry-After" = u64, description = "Seconds to wait"))
+    )]
+    RateLimited(ErrorBody<'static>),
+}
+
+/// A Plivo webhook's answers, but for those of its body and the broker, for the OpenAPI
+/// document.
+#[derive(utoipa::IntoResponses)]
+pub enum WebhookAnswers {
+    #[response(status = 200, description = "Verified and durable in RabbitMQ (publisher confirm received)")]
+    Queued,
+    #[response(status = 400, description = "Form or query not decodable, or no callback fields")]
+    BadRequest(ErrorBody<'static>),
+    #[response(status = 401, description = "Signature headers missing")]
+    Missing(ErrorBody<'static>),
+    #[response(status = 403, description = "Signature does not match")]
+    Invalid(ErrorBody<'static>),
+    #[response(
+        status = 429,
+        description = "Too many requests failing verification, or an identical callback is being queued",
+        headers(("Retry-After" = u64, description = "Seconds to wait"))
+    )]
+    RateLimited(ErrorBody<'static>),
+}
+
+/// The refusals of every route that reads the database, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+pub enum DatabaseRefusals {
+    #[response(
+        status = 503,
+        description = "Database unavailable",
+        headers(("Retry-After" = u64, description = "Seconds to wait"))
+    )]
+    Unavailable(ErrorBody<'static>),
+    #[response(status = 500, description = "Internal error")]
+    Internal(ErrorBody<'static>),
+}
+
+/// The refusals of every route that reads a request body, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+pub enum BodyRefusals {
+    #[response(status = 408, description = "Request took longer than http.request_timeout_ms")]
+    Timeout,
+    #[response(status = 413, description = "Body over the route's limit")]
+    TooLarge(ErrorBody<'static>),
+    #[response(status = 415, description = "Not the route's content type")]
+    WrongMediaType(ErrorBody<'static>),
+}
+
+/// The refusals of a route that publishes to the broker, for the OpenAPI document.
+#[derive(utoipa::IntoResponses)]
+pub enum BrokerRefusals {
+    #[response(
+        status = 503,
+        description = "Broker unavailable or did not confirm in time; retry (Plivo does)",
+        headers(("Retry-After" = u64, description = "Seconds to wait"))
+    )]
+    Unavailable(ErrorBody<'static>),
 }

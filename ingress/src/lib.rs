@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod error;
+pub mod openapi;
 pub mod replay;
 pub mod routes;
 pub mod storage;

@@ -110,13 +110,17 @@ pub async fn list(pool: &PgPool, filter: &MessageFilter) -> Result<Vec<MessageRo
     list_query("", filter).build_query_as().fetch_all(pool).await
 }
 
-#[derive(Debug, Clone, Serialize, FromRow)]
+/// One group's count; `key` is the status, the error code or the hour (RFC 3339), by
+/// `group_by`.
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
 pub struct StatsGroup {
     pub key: Option<String>,
     pub count: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How `GET /v1/stats` groups its counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum GroupBy {
     Status,
     ErrorCode,
@@ -190,10 +194,14 @@ pub async fn inbound(pool: &PgPool, filter: &InboundFilter) -> Result<Vec<Inboun
     q.build_query_as().fetch_all(pool).await
 }
 
-#[derive(Debug, Clone, Serialize, FromRow)]
+/// One opt-out: `recipient` receives nothing from `sender` (`*`: from any of our numbers).
+#[derive(Debug, Clone, Serialize, FromRow, utoipa::ToSchema)]
+#[schema(as = OptOut)]
 pub struct OptOutRow {
     pub recipient: String,
     pub sender: String,
+    /// What added it: `keyword` (STOP), `intent` (Plivo's opt-out intent), `error_code` (a
+    /// carrier's opt-out error) or `operator` (this API).
     pub source: String,
     pub message_uuid: Option<String>,
     #[serde(with = "time::serde::rfc3339")]

@@ -9,11 +9,12 @@ use super::auth::Caller;
 use super::query::{ApiQuery, Page, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time};
 use super::{db_error, shown_phone};
 use crate::AppState;
-use crate::error::IngressError;
+use crate::error::{CallerRefusals, DatabaseRefusals, ErrorBody, IngressError};
 use crate::storage::{self, InboundFilter};
 
 /// An inbound SMS as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Inbound)]
 pub struct InboundView {
     message_uuid: String,
     /// In full for a full-read token, else masked.
@@ -44,18 +45,42 @@ impl InboundView {
     }
 }
 
-/// `GET /v1/inbound`'s parameters.
-#[derive(Debug, Deserialize)]
+/// `GET /v1/inbound`'s parameters. Values are read as text and checked by the handler, so a
+/// refusal names the parameter and what it expects.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct InboundListQuery {
+    /// E.164.
     sender: Option<String>,
+    /// E.164: one of our numbers.
     recipient: Option<String>,
+    /// Received at or after (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Received before (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Rows per page (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 200)]
     limit: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+/// Inbound SMS, newest first
+#[utoipa::path(
+    get,
+    path = "/v1/inbound",
+    tag = "Inbound",
+    params(InboundListQuery),
+    responses(
+        (status = 200, description = "A page", body = Page<InboundView>),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn list_inbound(
     State(state): State<AppState>,
     token: Caller,

@@ -15,28 +15,43 @@ use super::auth::Caller;
 use super::query::{ApiQuery, Page, decode_cursor, encode_cursor, parse_limit, parse_phone, parse_time, parse_uuid};
 use super::{db_error, shown_phone};
 use crate::AppState;
-use crate::error::IngressError;
+use crate::error::{CallerRefusals, DatabaseRefusals, ErrorBody, IngressError};
 use crate::storage::{self, EventRow, MessageFilter, MessageRow};
 
-/// `GET /v1/messages`'s parameters.
-#[derive(Debug, Deserialize)]
+/// `GET /v1/messages`'s parameters. Values are read as text and checked by the handler, so a
+/// refusal names the parameter and what it expects.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MessageListQuery {
+    #[param(value_type = Option<MessageStatus>)]
     status: Option<String>,
+    /// E.164.
     recipient: Option<String>,
+    /// Created at or after (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Created before (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// With `metadata_value`: messages whose metadata has this key with this string value.
     metadata_key: Option<String>,
     metadata_value: Option<String>,
+    /// Rows per page (default 50).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 200)]
     limit: Option<String>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
 /// A message as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Message)]
 pub struct MessageView {
     id: Uuid,
+    /// Plivo's id, once Plivo accepted the message.
     message_uuid: Option<String>,
+    #[schema(value_type = MessageStatus)]
     status: String,
     status_reason: Option<String>,
     error: Option<ErrorView>,
@@ -48,6 +63,8 @@ pub struct MessageView {
     units: Option<i32>,
     amount: Option<String>,
     attempts: i32,
+    /// The send job's metadata, as given.
+    #[schema(value_type = Object)]
     metadata: Value,
     #[serde(with = "time::serde::rfc3339::option")]
     accepted_at: Option<OffsetDateTime>,
@@ -67,7 +84,8 @@ pub struct MessageView {
 }
 
 /// Plivo's error code and what it means.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = PlivoError)]
 pub struct ErrorView {
     code: i32,
     reason: &'static str,
@@ -75,8 +93,10 @@ pub struct ErrorView {
 }
 
 /// One callback of a message.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = MessageEvent)]
 pub struct EventView {
+    #[schema(value_type = MessageStatus)]
     status: String,
     sequence: Option<i64>,
     error_code: Option<i32>,
@@ -86,6 +106,7 @@ pub struct EventView {
     recorded_at: OffsetDateTime,
     /// Every field Plivo sent: full-read tokens only (it holds numbers and text).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     params: Option<Value>,
 }
 
@@ -133,6 +154,20 @@ impl EventView {
     }
 }
 
+/// One message with its event history, by our id or Plivo's MessageUUID
+#[utoipa::path(
+    get,
+    path = "/v1/messages/{id}",
+    tag = "Status",
+    params(("id" = String, Path, description = "Our message id or Plivo's MessageUUID", pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")),
+    responses(
+        (status = 200, description = "The message", body = MessageView),
+        (status = 400, description = "Not a UUID", body = ErrorBody),
+        (status = 404, description = "Unknown id", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn get_message(
     State(state): State<AppState>,
     token: Caller,
@@ -146,6 +181,19 @@ pub async fn get_message(
     Ok(Json(view))
 }
 
+/// List messages, newest first
+#[utoipa::path(
+    get,
+    path = "/v1/messages",
+    tag = "Status",
+    params(MessageListQuery),
+    responses(
+        (status = 200, description = "A page", body = Page<MessageView>),
+        (status = 400, description = "A parameter is invalid (named in the message)", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn list_messages(
     State(state): State<AppState>,
     token: Caller,

@@ -4,24 +4,26 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use shared::domain::PhoneNumber;
 
 use super::auth::Caller;
 use super::db_error;
 use super::query::ApiQuery;
 use crate::AppState;
-use crate::error::IngressError;
+use crate::error::{CallerRefusals, DatabaseRefusals, ErrorBody, IngressError};
 use crate::storage;
 
 /// `DELETE /v1/opt-outs/{number}`'s parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OptOutDeleteQuery {
+    /// Lift only the opt-out of this sender (`*`: the one from all senders); default: all.
     sender: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// `PUT /v1/opt-outs/{number}`'s body (optional).
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OptOutBody {
     /// Our number the recipient opted out of; `*` (the default) for all of them.
@@ -29,10 +31,22 @@ pub struct OptOutBody {
     pub sender: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
-struct OptOutList {
+/// A number's opt-outs.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = OptOuts)]
+pub struct OptOutList {
     recipient: String,
     opt_outs: Vec<storage::OptOutRow>,
+}
+
+/// The `{number}` of an opt-out route, for the OpenAPI document.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct NumberParam {
+    /// E.164, URL-encoded (`%2B14155552671`).
+    #[param(pattern = "^\\+[1-9][0-9]{6,14}$")]
+    number: String,
 }
 
 fn parse_number(raw: &str) -> Result<String, IngressError> {
@@ -51,29 +65,60 @@ fn parse_sender(raw: Option<&str>) -> Result<String, IngressError> {
     }
 }
 
+/// A number's opt-outs
+#[utoipa::path(
+    get,
+    path = "/v1/opt-outs/{number}",
+    tag = "Inbound",
+    params(NumberParam),
+    responses(
+        (status = 200, description = "Its opt-outs", body = OptOutList),
+        (status = 400, description = "Not an E.164 number", body = ErrorBody),
+        (status = 404, description = "No opt-out", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn get_opt_outs(
     State(state): State<AppState>,
     _: Caller,
     Path(number): Path<String>,
-) -> Result<Json<Value>, IngressError> {
+) -> Result<Json<OptOutList>, IngressError> {
     let recipient = parse_number(&number)?;
     let rows = storage::opt_outs(&state.db, &recipient).await.map_err(db_error)?;
     if rows.is_empty() {
         return Err(IngressError::NotFoundOptOut);
     }
-    Ok(Json(serde_json::to_value(OptOutList { recipient, opt_outs: rows }).unwrap_or_default()))
+    Ok(Json(OptOutList { recipient, opt_outs: rows }))
 }
 
 /// The most an opt-out body (`{"sender": …}`) needs.
 const OPT_OUT_BODY_LIMIT: usize = 1024;
 
+/// Add an opt-out (operator)
+#[utoipa::path(
+    put,
+    path = "/v1/opt-outs/{number}",
+    tag = "Inbound",
+    params(NumberParam),
+    request_body(content = Option<OptOutBody>, description = "Without a body: from all senders"),
+    responses(
+        (status = 201, description = "Added", body = OptOutList),
+        (status = 200, description = "Already there", body = OptOutList),
+        (status = 400, description = "Not an E.164 number or malformed JSON", body = ErrorBody),
+        (status = 413, description = "Body over the route's limit", body = ErrorBody),
+        (status = 422, description = "Invalid sender", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn put_opt_out(
     State(state): State<AppState>,
     // Taken first: nothing of the body is read before the caller is known.
     _: Caller,
     Path(number): Path<String>,
     request: axum::extract::Request,
-) -> Result<(StatusCode, Json<Value>), IngressError> {
+) -> Result<(StatusCode, Json<OptOutList>), IngressError> {
     let (parts, body) = request.into_parts();
     let body = super::read_body(&parts.headers, body, OPT_OUT_BODY_LIMIT).await?;
     let recipient = parse_number(&number)?;
@@ -86,9 +131,24 @@ pub async fn put_opt_out(
     let created = storage::put_opt_out(&state.db, &recipient, &sender).await.map_err(db_error)?;
     let rows = storage::opt_outs(&state.db, &recipient).await.map_err(db_error)?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(serde_json::to_value(OptOutList { recipient, opt_outs: rows }).unwrap_or_default())))
+    Ok((status, Json(OptOutList { recipient, opt_outs: rows })))
 }
 
+/// Remove opt-outs (operator)
+#[utoipa::path(
+    delete,
+    path = "/v1/opt-outs/{number}",
+    tag = "Inbound",
+    params(NumberParam, OptOutDeleteQuery),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 400, description = "Not an E.164 number", body = ErrorBody),
+        (status = 404, description = "No opt-out", body = ErrorBody),
+        (status = 422, description = "Invalid sender", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn delete_opt_outs(
     State(state): State<AppState>,
     _: Caller,

@@ -15,17 +15,40 @@ use shared::plivo::form::{parse_body, parse_pairs};
 use shared::plivo::signature::{self, Scheme, SignatureHeaders, VerifyError};
 use time::OffsetDateTime;
 use tracing::Instrument as _;
+use utoipa::openapi::Required;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
 use uuid::Uuid;
 
 use super::read_body;
 use crate::AppState;
-use crate::error::IngressError;
+use crate::error::{BodyRefusals, BrokerRefusals, IngressError, WebhookAnswers};
 use crate::replay::{Begin, ReplayCache};
 
+/// Plivo message status callback
+#[utoipa::path(
+    post,
+    path = "/plivo/callback",
+    tag = "Plivo webhooks",
+    security(()),
+    params(WebhookParams),
+    request_body(content = HashMap<String, String>, content_type = "application/x-www-form-urlencoded"),
+    responses(WebhookAnswers, BodyRefusals, BrokerRefusals)
+)]
 pub async fn status_callback(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     counted(Stream::Status, accept(&state, Stream::Status, request).await)
 }
 
+/// Plivo inbound SMS
+#[utoipa::path(
+    post,
+    path = "/plivo/inbound",
+    tag = "Plivo webhooks",
+    security(()),
+    params(WebhookParams),
+    request_body(content = HashMap<String, String>, content_type = "application/x-www-form-urlencoded"),
+    responses(WebhookAnswers, BodyRefusals, BrokerRefusals)
+)]
 pub async fn inbound_message(State(state): State<AppState>, request: Request) -> Result<StatusCode, IngressError> {
     counted(Stream::Inbound, accept(&state, Stream::Inbound, request).await)
 }
@@ -194,6 +217,40 @@ fn is_form(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+}
+
+/// A webhook's parameters, for the OpenAPI document: Plivo's V3 signature headers, and the
+/// `ref` the worker puts into the callback URLs of the messages it sends.
+pub struct WebhookParams;
+
+impl utoipa::IntoParams for WebhookParams {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        [
+            (
+                signature::V3_HEADER,
+                ParameterIn::Header,
+                "Comma-separated base64 HMAC-SHA256 signatures (one per auth token)",
+            ),
+            (
+                signature::MA_V3_HEADER,
+                ParameterIn::Header,
+                "The same, by the main account's tokens (subaccount callbacks)",
+            ),
+            (signature::V3_NONCE_HEADER, ParameterIn::Header, "The nonce the signatures cover"),
+            ("ref", ParameterIn::Query, "Our message id, in the callback URL of a message we sent"),
+        ]
+        .into_iter()
+        .map(|(name, place, description)| {
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(place)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build()
+        })
+        .collect()
+    }
 }
 
 /// Header values that are not visible ASCII are kept as `""`, which never matches a signature.

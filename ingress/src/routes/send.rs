@@ -5,9 +5,9 @@ use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use shared::amqp::Stream;
-use shared::amqp::contracts::SendJob;
+use shared::amqp::contracts::{SendJob, SendRequest};
 use shared::amqp::headers::json_message;
 use shared::domain::MessageStatus;
 use shared::domain::sms::Encoding;
@@ -15,33 +15,16 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use crate::AppState;
-use crate::error::IngressError;
-
-/// The HTTP body: the send job without `id` (the service assigns it, or derives it from the
-/// `Idempotency-Key` header).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SendRequest {
-    to: String,
-    text: String,
-    #[serde(default)]
-    from: Option<String>,
-    #[serde(default)]
-    powerpack_uuid: Option<String>,
-    #[serde(default)]
-    message_expiry: Option<u32>,
-    #[serde(default)]
-    metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default)]
-    callback: Option<String>,
-}
+use crate::error::{BodyRefusals, BrokerRefusals, CallerRefusals, ErrorBody, IngressError};
 
 /// The answer to a queued send job (202).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Accepted {
     id: Uuid,
+    /// Always `accepted`.
     status: MessageStatus,
     encoding: Encoding,
+    #[schema(minimum = 1)]
     segments: u16,
     /// Where the message's status can be read.
     location: String,
@@ -54,6 +37,37 @@ pub const SEND_BODY_LIMIT: usize = 32 * 1024;
 const IDEMPOTENCY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_9c2a_5b7d_4e3f_8a10_2c4b_6d8e_0f12);
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Send one SMS
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "Sending",
+    params((
+        "Idempotency-Key" = Option<String>,
+        Header,
+        description = "The same key (per token) with the same content is the same message: sent once",
+        min_length = 1,
+        max_length = 255
+    )),
+    request_body = SendRequest,
+    responses(
+        (
+            status = 202,
+            description = "Durably queued",
+            body = Accepted,
+            headers(("Location" = String, description = "The message's status URL"))
+        ),
+        (status = 400, description = "Malformed JSON or Idempotency-Key", body = ErrorBody),
+        (
+            status = 422,
+            description = "A field is refused (error.field names it), or the Idempotency-Key was already used with other content",
+            body = ErrorBody
+        ),
+        CallerRefusals,
+        BodyRefusals,
+        BrokerRefusals,
+    )
+)]
 pub async fn create_message(
     State(state): State<AppState>,
     caller: Caller,
@@ -84,16 +98,7 @@ pub async fn create_message(
             Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{}:{key}", caller.fingerprint).as_bytes())
         }
     };
-    let job = SendJob {
-        id,
-        to: request.to,
-        text: request.text,
-        from: request.from,
-        powerpack_uuid: request.powerpack_uuid,
-        message_expiry: request.message_expiry,
-        metadata: request.metadata,
-        callback: request.callback,
-    };
+    let job = request.into_job(id);
     let valid = job
         .validate(&state.default_sender)
         .map_err(|e| IngressError::InvalidField { field: Some(e.field.to_owned()), message: e.to_string() })?;

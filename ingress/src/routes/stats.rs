@@ -9,16 +9,18 @@ use super::auth::Caller;
 use super::db_error;
 use super::query::{ApiQuery, parse_time};
 use crate::AppState;
-use crate::error::IngressError;
+use crate::error::{CallerRefusals, DatabaseRefusals, ErrorBody, IngressError};
 use crate::storage::{self, GroupBy};
 
 /// Delivery statistics over `from`..`to`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Stats)]
 pub struct StatsView {
     #[serde(with = "time::serde::rfc3339")]
     from: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     to: OffsetDateTime,
+    #[schema(value_type = GroupBy)]
     group_by: String,
     total: i64,
     groups: Vec<storage::StatsGroup>,
@@ -30,14 +32,34 @@ pub struct StatsView {
 }
 
 /// `GET /v1/stats`'s parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StatsQuery {
+    /// Start of the window (RFC 3339; default: a day before `to`).
+    #[param(format = DateTime)]
     from: Option<String>,
+    /// End of the window (RFC 3339; default: now).
+    #[param(format = DateTime)]
     to: Option<String>,
+    /// How the counts are grouped (default `status`).
+    #[param(value_type = Option<GroupBy>)]
     group_by: Option<String>,
 }
 
+/// Counts and delivery rate over a window
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "Status",
+    params(StatsQuery),
+    responses(
+        (status = 200, description = "Counts", body = StatsView),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+        CallerRefusals,
+        DatabaseRefusals,
+    )
+)]
 pub async fn stats(
     State(state): State<AppState>,
     _: Caller,

@@ -38,29 +38,78 @@ impl CallbackEvent {
     }
 }
 
-/// A request to send one SMS (`smsflow.send-job` version 1; JSON Schema in
-/// `docs/schemas/send-job.v1.json`). `id` is the idempotency key: one id is at most one SMS.
+/// One SMS to send, with or without its id: the fields are written once, here, for the send
+/// job on the broker ([`SendJob`]) and the HTTP send API's body ([`SendRequest`]), which has no
+/// id (the service assigns one, or derives it from the `Idempotency-Key` header).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(
+        as = SendRequest,
+        bound = "",
+        description = "One SMS to send. The service assigns its id, or derives it from the Idempotency-Key header."
+    )
+)]
 #[serde(deny_unknown_fields)]
-pub struct SendJob {
-    pub id: uuid::Uuid,
+pub struct SendMessage<Id> {
+    /// The OpenAPI document describes the HTTP body, which has none.
+    #[cfg_attr(feature = "openapi", schema(ignore))]
+    pub id: Id,
     /// Recipient in E.164 (`+14155550100`).
+    #[cfg_attr(feature = "openapi", schema(examples("+14155552671")))]
     pub to: String,
+    #[cfg_attr(feature = "openapi", schema(min_length = 1))]
     pub text: String,
     /// Sender: E.164 number, short code or alphanumeric ID; defaults to `plivo.default_sender`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(format = Uuid))]
     pub powerpack_uuid: Option<String>,
     /// Seconds Plivo may queue the message before failing it with 420.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 5, maximum = 10799))]
     pub message_expiry: Option<u32>,
     /// Stored with the message and returned as-is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
     /// Reserved: a URL to notify of status changes (accepted and validated, not yet called).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback: Option<String>,
+}
+
+/// A request to send one SMS (`smsflow.send-job` version 1; JSON Schema in
+/// `docs/schemas/send-job.v1.json`). `id` is the idempotency key: one id is at most one SMS.
+pub type SendJob = SendMessage<uuid::Uuid>;
+
+/// The HTTP send API's body: a send job without its id. A body that names one is refused.
+pub type SendRequest = SendMessage<Option<Unassigned>>;
+
+/// Where an id would be that the caller may not give: absent deserializes to `None`, any
+/// value is an error that says why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unassigned {}
+
+impl<'de> Deserialize<'de> for Unassigned {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("id is assigned by smsflow; to choose it, send an Idempotency-Key header instead"))
+    }
+}
+
+impl Serialize for Unassigned {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        match *self {}
+    }
+}
+
+impl SendRequest {
+    /// The send job this request becomes under `id`.
+    pub fn into_job(self, id: uuid::Uuid) -> SendJob {
+        let SendMessage { id: _, to, text, from, powerpack_uuid, message_expiry, metadata, callback } = self;
+        SendMessage { id, to, text, from, powerpack_uuid, message_expiry, metadata, callback }
+    }
 }
 
 impl SendJob {

@@ -62,7 +62,7 @@ impl StatusCallback<'_> {
         let rate = "0.00650";
         let error_code = self.error_code.map(|c| c.to_string()).unwrap_or_default();
         let sequence = self.sequence.to_string();
-        [
+        owned([
             (field::STATUS, self.status),
             (field::TO, self.to),
             (field::MESSAGE_UUID, self.message_uuid),
@@ -83,11 +83,44 @@ impl StatusCallback<'_> {
             (field::SENT_TIME, self.sent_time),
             (field::DELIVERY_REPORT_TIME, self.delivery_report_time),
             ("requester_ip", self.requester_ip),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+        ])
     }
+}
+
+/// An inbound SMS callback as Plivo sends it (docs/plivo.md §3): what the simulator puts on
+/// the wire.
+#[derive(Debug, Clone)]
+pub struct InboundCallback<'a> {
+    pub message_uuid: &'a str,
+    /// The sender (without `+`, as Plivo writes it).
+    pub from: &'a str,
+    /// Our number.
+    pub to: &'a str,
+    pub text: &'a str,
+    /// Plivo's reading of the text (`optout`, `optin`, `help` or empty).
+    pub intent: &'a str,
+}
+
+impl InboundCallback<'_> {
+    /// The fields in the order Plivo sends them: one part, free of charge.
+    pub fn fields(&self) -> Vec<(String, String)> {
+        owned([
+            (field::FROM, self.from),
+            (field::TO, self.to),
+            (field::TEXT, self.text),
+            (field::TYPE, "sms"),
+            (field::MESSAGE_UUID, self.message_uuid),
+            (field::UNITS, "1"),
+            (field::TOTAL_RATE, "0.00000"),
+            (field::TOTAL_AMOUNT, "0.00000"),
+            (field::MESSAGE_INTENT, self.intent),
+            (field::POWERPACK_UUID, ""),
+        ])
+    }
+}
+
+fn owned<const N: usize>(fields: [(&str, &str); N]) -> Vec<(String, String)> {
+    fields.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 /// A value with its surrounding blanks trimmed; `None` when nothing is left.

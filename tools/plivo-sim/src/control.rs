@@ -238,21 +238,14 @@ pub(crate) struct InboundRequest {
 
 pub(crate) async fn inbound(State(sim): State<Shared>, Control(request): Control<InboundRequest>) -> Response {
     let message_uuid = uuid::Uuid::new_v4().to_string();
-    let params: Vec<(String, String)> = [
-        ("From", request.from.as_str()),
-        ("To", request.to.as_str()),
-        ("Text", request.text.as_str()),
-        ("Type", "sms"),
-        ("MessageUUID", message_uuid.as_str()),
-        ("Units", "1"),
-        ("TotalRate", "0.00000"),
-        ("TotalAmount", "0.00000"),
-        ("MessageIntent", request.intent.as_str()),
-        ("PowerpackUUID", ""),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let params = shared::plivo::callback::InboundCallback {
+        message_uuid: &message_uuid,
+        from: &request.from,
+        to: &request.to,
+        text: &request.text,
+        intent: &request.intent,
+    }
+    .fields();
     let attempt = send_signed(&sim, "POST", &request.url, &params).await;
     Json(json!({ "message_uuid": message_uuid, "answer": attempt.status, "error": attempt.error })).into_response()
 }

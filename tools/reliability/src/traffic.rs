@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::FusedFuture as _;
 use futures_util::{FutureExt as _, StreamExt as _};
+use shared::plivo::callback::field;
 use shared::testing::{Probe, TEST_AUTH_TOKEN};
 
 use crate::API_TOKEN;
@@ -49,7 +50,7 @@ impl Callbacks {
         while !until.is_terminated() {
             let uuid = format!("probe-{label}-{}", probe.sent);
             let started = Instant::now();
-            let status = self.post_signed_callback(&[("MessageUUID", &uuid), ("Status", "queued")]).await;
+            let status = self.post_signed_callback(&[(field::MESSAGE_UUID, &uuid), (field::STATUS, "queued")]).await;
             probe.sent += 1;
             if status == 200 {
                 probe.accepted += 1;
