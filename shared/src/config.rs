@@ -367,12 +367,19 @@ pub struct WorkerTuning {
     pub in_process_retries: usize,
     pub admin_listen: SocketAddr,
     pub shutdown_grace_ms: u64,
+    /// Events the relay reads from the outbox and publishes per round.
+    pub event_batch_size: u32,
+    /// How often an idle relay looks at the outbox without being notified, and a standby
+    /// worker tries to take over the relay.
+    pub event_poll_interval_ms: u64,
 }
 
 impl WorkerTuning {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("worker.batch_size", self.batch_size as u64)?;
-        positive("worker.batch_wait_ms", self.batch_wait_ms)
+        positive("worker.batch_wait_ms", self.batch_wait_ms)?;
+        positive("worker.event_batch_size", self.event_batch_size.into())?;
+        positive("worker.event_poll_interval_ms", self.event_poll_interval_ms)
     }
 }
 

@@ -125,7 +125,8 @@ impl Drop for TestBroker {
             return;
         }
         let queues = self.queue_names();
-        let exchanges = [self.topology.exchange(), self.topology.dead_letter_exchange()];
+        let exchanges =
+            [self.topology.exchange(), self.topology.dead_letter_exchange(), self.topology.events_exchange()];
         // Drop cannot await; clean up on a thread of its own so a failed test still cleans up.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

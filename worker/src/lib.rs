@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod broker;
+pub mod events;
 pub mod inbound;
 pub mod monitor;
 pub mod replay;
@@ -131,6 +132,13 @@ pub async fn run_with(
         rerouter: rerouter.clone(),
         consuming: inbound_consuming,
     });
+    let relay = tokio::spawn(events::run(
+        pool.clone(),
+        publisher.clone(),
+        topology.clone(),
+        events::RelaySettings::from(&settings.worker),
+        shutdown.clone(),
+    ));
     let status =
         Arc::new(StatusPipeline { settings, topology, pool: pool.clone(), rerouter, consuming: status_consuming });
 
@@ -149,6 +157,8 @@ pub async fn run_with(
     let result = status_result.and(send_result).and(inbound_result);
 
     shutdown.cancel();
+    // What the relay has not published yet stays in the outbox for the next relay.
+    let _ = relay.await;
     publisher_shutdown.cancel();
     publisher.close().await;
     if let Some(task) = admin_task {

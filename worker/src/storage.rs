@@ -31,6 +31,7 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         return Ok(BatchOutcome::default());
     }
     let mut tx = pool.begin().await?;
+    trace_events(&mut tx).await?;
 
     // Correlate: a MessageUUID the database already knows keeps its row; otherwise our own id
     // from `ref`; otherwise a new row (a message sent outside smsflow).
@@ -189,6 +190,15 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
 
     tx.commit().await?;
     Ok(BatchOutcome { messages_advanced: advanced, events_recorded: recorded })
+}
+
+/// The events this transaction's changes write to the outbox (by trigger) carry the current
+/// trace, so a subscriber's trace links back to the callbacks that caused them.
+async fn trace_events(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    if let Some(traceparent) = shared::amqp::headers::current_traceparent() {
+        sqlx::query("SELECT set_config('smsflow.traceparent', $1, true)").bind(traceparent).execute(tx).await?;
+    }
+    Ok(())
 }
 
 /// What a failed write means for its delivery: an outage is retried later, a refusal is for good.
@@ -389,6 +399,7 @@ pub mod inbound {
     /// whether this was the first time.
     pub async fn record(pool: &PgPool, message: &InboundMessage) -> Result<bool, sqlx::Error> {
         let mut tx = pool.begin().await?;
+        super::trace_events(&mut tx).await?;
         let inserted = sqlx::query!(
             r#"INSERT INTO inbound_messages (message_uuid, sender, recipient, body, message_type, units, amount, intent, params, received_at)
                VALUES ($1, $2, $3, $4, $5, $6, $7::text::numeric, $8, $9, $10)

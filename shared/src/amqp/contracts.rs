@@ -116,3 +116,56 @@ impl SendJob {
     pub const SCHEMA: &'static str = "smsflow.send-job";
     pub const VERSION: u32 = 1;
 }
+
+/// An event for subscribing services (`smsflow.event` version 1; JSON Schema in
+/// `docs/schemas/event.v1.json`), published to the `{prefix}.events` topic exchange with its
+/// type as the routing key. At least once: `id` is stable across redeliveries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub schema: String,
+    pub version: u32,
+    pub id: uuid::Uuid,
+    /// `message.status.<status>`, `inbound.received`, `optout.added` or `optout.removed`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the change happened: Plivo's time of a status when it gave one, else when smsflow
+    /// recorded it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub occurred_at: OffsetDateTime,
+    /// When smsflow committed the change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub recorded_at: OffsetDateTime,
+    pub data: serde_json::Value,
+}
+
+impl Event {
+    pub const SCHEMA: &'static str = "smsflow.event";
+    pub const VERSION: u32 = 1;
+
+    /// An event as stored in the outbox, with the meaning of its Plivo error code added.
+    pub fn new(
+        id: uuid::Uuid,
+        kind: &str,
+        occurred_at: OffsetDateTime,
+        recorded_at: OffsetDateTime,
+        mut data: serde_json::Value,
+    ) -> Self {
+        let code = data.get("error_code").and_then(serde_json::Value::as_u64);
+        if let (Some(code), Some(fields)) = (code, data.as_object_mut()) {
+            let info = crate::plivo::errors::classify(code as u32);
+            fields.insert(
+                "error".into(),
+                serde_json::json!({ "code": code, "reason": info.reason, "retryability": info.retryability }),
+            );
+        }
+        Self {
+            schema: Self::SCHEMA.into(),
+            version: Self::VERSION,
+            id,
+            kind: kind.to_owned(),
+            occurred_at,
+            recorded_at,
+            data,
+        }
+    }
+}

@@ -36,6 +36,14 @@ pub fn inject_current_context(headers: &mut FieldTable) {
     global::get_text_map_propagator(|p| p.inject_context(&cx, &mut HeaderInjector(headers)));
 }
 
+/// The current span's W3C `traceparent`, when it has a trace context to carry.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
 /// Reads a trace context from message headers (empty when absent).
 pub fn extract_context(headers: Option<&FieldTable>) -> opentelemetry::Context {
     match headers {

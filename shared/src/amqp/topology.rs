@@ -87,6 +87,12 @@ impl Topology {
         self.prefix.clone()
     }
 
+    /// The topic exchange of status events, inbound SMS and opt-outs, for services to bind
+    /// their own queues to (`message.status.*`, `inbound.received`, `optout.*`).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
     /// Where rejected messages and messages over the delivery limit go.
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dead", self.prefix)
@@ -117,6 +123,9 @@ impl Topology {
         channel.exchange_declare(self.exchange().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
         channel
             .exchange_declare(self.dead_letter_exchange().into(), ExchangeKind::Direct, durable, FieldTable::default())
+            .await?;
+        channel
+            .exchange_declare(self.events_exchange().into(), ExchangeKind::Topic, durable, FieldTable::default())
             .await?;
         for stream in Stream::ALL {
             self.declare_stream(channel, stream).await?;

@@ -1,6 +1,7 @@
 //! The whole flow with no Plivo account: ingress, worker and the simulator against the real
 //! RabbitMQ and PostgreSQL. 2,000 messages, half over HTTP and half over AMQP; afterwards the
-//! database must equal the simulator's ground truth.
+//! database must equal the simulator's ground truth, and a service subscribed to the events
+//! must have received every committed status change of every message, once, in order.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -35,6 +36,7 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
     let stack = Stack::start(pool.clone(), sim_config(), |_, worker| worker.sending.concurrency = 64).await;
     let (client, ingress_url) = (stack.client.clone(), stack.ingress_url.clone());
     let worker_settings = stack.worker_settings.clone();
+    let mut events = subscribe_to_events(&stack.broker).await;
 
     // 1,000 over HTTP …
     let http_ids: Vec<String> = futures_util::stream::iter(0..1000)
@@ -155,8 +157,65 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
         let dead = stack.broker.topology.dead_letter_queue(stream);
         assert_eq!(stack.broker.len(&dead).await, 0, "no dead letters in {stream:?}");
     }
+    check_events(&pool, &mut events, &rows).await;
     publisher_shutdown.cancel();
     stack.stop().await;
+}
+
+/// A service's queue bound to every status event; exclusive, so it goes with the test's
+/// connection.
+async fn subscribe_to_events(broker: &shared::testing::TestBroker) -> lapin::Consumer {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+    let queue = broker.channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+    let name = queue.name().as_str();
+    let events = broker.topology.events_exchange();
+    let bind = QueueBindOptions::default();
+    broker
+        .channel
+        .queue_bind(name.into(), events.into(), "message.status.*".into(), bind, FieldTable::default())
+        .await
+        .unwrap();
+    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    broker.channel.basic_consume(name.into(), "".into(), no_ack, FieldTable::default()).await.unwrap()
+}
+
+/// Every message's events, as the subscriber received them: no event twice (no relay crashed),
+/// the first with no previous status, each naming the one before it, and the last the status
+/// in the database.
+async fn check_events(pool: &PgPool, consumer: &mut lapin::Consumer, rows: &[MessageRow]) {
+    wait_until("the outbox is relayed", Duration::from_secs(60), async || {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox").fetch_one(pool).await.unwrap();
+        left == 0
+    })
+    .await;
+    let mut chains: HashMap<String, Vec<shared::amqp::contracts::Event>> = HashMap::new();
+    let mut ids = std::collections::HashSet::new();
+    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        let event: shared::amqp::contracts::Event = serde_json::from_slice(&delivery.unwrap().data).unwrap();
+        assert!(ids.insert(event.id), "event {} received twice without a relay crash", event.id);
+        chains.entry(event.data["message_id"].as_str().unwrap().to_owned()).or_default().push(event);
+    }
+    let mut broken = Vec::new();
+    for (id, _, status, _) in rows {
+        let chain = chains.get(&id.to_string()).map(Vec::as_slice).unwrap_or_default();
+        let statuses: Vec<&str> = chain.iter().map(|e| e.data["status"].as_str().unwrap_or("?")).collect();
+        let linked = chain.iter().enumerate().all(|(i, e)| {
+            let previous = e.data["previous_status"].as_str();
+            previous == i.checked_sub(1).map(|p| statuses[p]) && e.kind == format!("message.status.{}", statuses[i])
+        });
+        if !linked || statuses.first() != Some(&"accepted") || statuses.last() != Some(&status.as_str()) {
+            broken.push(format!("{id}: database {status}, events {statuses:?}"));
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "{} messages' events disagree:\n{}",
+        broken.len(),
+        broken[..broken.len().min(20)].join("\n")
+    );
+    assert_eq!(chains.len(), rows.len(), "events only for the messages sent");
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

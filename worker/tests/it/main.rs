@@ -2,6 +2,7 @@
 //! database (`#[sqlx::test]`) and a random topology prefix.
 
 mod crash;
+mod events;
 mod helpers;
 mod inbound;
 mod infra;

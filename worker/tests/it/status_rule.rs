@@ -92,6 +92,13 @@ fn fresh_uuids(stories: &[Vec<Callback>]) -> Vec<String> {
 /// Removes the messages of `uuids`, so that the same callbacks (the MessageUUID is one of their
 /// parameters) can be received again from nothing.
 async fn forget(pool: &PgPool, uuids: &[String]) {
+    sqlx::query(
+        "DELETE FROM event_outbox WHERE subject IN (SELECT id::text FROM messages WHERE message_uuid = ANY($1))",
+    )
+    .bind(uuids)
+    .execute(pool)
+    .await
+    .unwrap();
     sqlx::query("DELETE FROM message_events WHERE message_uuid = ANY($1)").bind(uuids).execute(pool).await.unwrap();
     sqlx::query("DELETE FROM messages WHERE message_uuid = ANY($1)").bind(uuids).execute(pool).await.unwrap();
 }
@@ -173,9 +180,36 @@ async fn check(pool: &PgPool, stories: &[Vec<Callback>], uuids: &[String]) -> Re
             "story {story:?}: stored {row:?}, expected one of {allowed:?}"
         );
         prop_assert_eq!(row.2, distinct.len() as i64, "one event per distinct callback: {:?}", story);
+        check_events(pool, uuid, &row.0).await?;
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// The message's events, in the order they committed, tell its status changes exactly: each
+/// names the status before it (the first none), statuses only move forward, and the last is
+/// the stored status.
+async fn check_events(pool: &PgPool, uuid: &str, stored_status: &str) -> Result<(), TestCaseError> {
+    let events: Vec<(String, Option<String>, i16)> = sqlx::query_as(
+        "SELECT o.data->>'status', o.data->>'previous_status', smsflow_status_rank(o.data->>'status')
+         FROM event_outbox o JOIN messages m ON o.subject = m.id::text
+         WHERE m.message_uuid = $1 ORDER BY o.id",
+    )
+    .bind(uuid)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut previous: Option<(String, i16)> = None;
+    for (status, before, rank) in &events {
+        prop_assert_eq!(before, &previous.as_ref().map(|(s, _)| s.clone()), "events {:?}", events);
+        if let Some((last, last_rank)) = &previous {
+            prop_assert!(status != last && rank >= last_rank, "not a forward change: {:?}", events);
+        }
+        previous = Some((status.clone(), *rank));
+    }
+    let last = previous.map(|(s, _)| s);
+    prop_assert_eq!(last.as_deref(), Some(stored_status), "events {:?}", events);
+    Ok(())
 }
 
 /// Runs `property` over generated cases on a runtime of its own (proptest's runner is
