@@ -106,6 +106,22 @@ impl TestBroker {
             .message_count()
     }
 
+    /// A subscribing service's queue bound to the events exchange with `pattern` (`#` for every
+    /// event); exclusive and auto-acknowledged, so the broker deletes it with this connection.
+    pub async fn subscribe_to_events(&self, pattern: &str) -> lapin::Consumer {
+        use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+        let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+        let queue = self.channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
+        let (name, exchange) = (queue.name().as_str(), self.topology.events_exchange());
+        let bind = QueueBindOptions::default();
+        self.channel
+            .queue_bind(name.into(), exchange.into(), pattern.into(), bind, FieldTable::default())
+            .await
+            .unwrap();
+        let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        self.channel.basic_consume(name.into(), "".into(), no_ack, FieldTable::default()).await.unwrap()
+    }
+
     fn queue_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         for stream in Stream::ALL {

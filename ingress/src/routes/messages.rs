@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::domain::MessageStatus;
-use shared::plivo::errors::{Retryability, classify};
+use shared::plivo::errors::{ErrorCodeInfo, classify};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -54,7 +54,7 @@ pub struct MessageView {
     #[schema(value_type = MessageStatus)]
     status: String,
     status_reason: Option<String>,
-    error: Option<ErrorView>,
+    error: Option<ErrorCodeInfo>,
     sender: Option<String>,
     /// In full for a full-read token, else masked.
     recipient: Option<String>,
@@ -83,15 +83,6 @@ pub struct MessageView {
     events: Option<Vec<EventView>>,
 }
 
-/// Plivo's error code and what it means.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(as = PlivoError)]
-pub struct ErrorView {
-    code: i32,
-    reason: &'static str,
-    retryability: Retryability,
-}
-
 /// One callback of a message.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = MessageEvent)]
@@ -112,10 +103,7 @@ pub struct EventView {
 
 impl MessageView {
     fn new(row: MessageRow, full: bool) -> Self {
-        let error = row.error_code.map(|code| {
-            let info = classify(code.unsigned_abs());
-            ErrorView { code, reason: info.reason, retryability: info.retryability }
-        });
+        let error = row.error_code.map(|code| classify(code.unsigned_abs()));
         Self {
             id: row.id,
             message_uuid: row.message_uuid,

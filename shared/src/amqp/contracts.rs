@@ -153,10 +153,7 @@ impl Event {
         let code = data.get("error_code").and_then(serde_json::Value::as_u64);
         if let (Some(code), Some(fields)) = (code, data.as_object_mut()) {
             let info = crate::plivo::errors::classify(code as u32);
-            fields.insert(
-                "error".into(),
-                serde_json::json!({ "code": code, "reason": info.reason, "retryability": info.retryability }),
-            );
+            fields.insert("error".into(), serde_json::json!(info));
         }
         Self {
             schema: Self::SCHEMA.into(),

@@ -77,11 +77,15 @@ pub fn get_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
     }
 }
 
-/// Properties of a persistent JSON message with schema headers and the current trace context.
+/// Properties of a persistent JSON message with schema headers and a trace context: the one
+/// `headers` already carry (an outbox event keeps the trace of the change that caused it), else
+/// the current span's.
 pub fn json_message(schema: &str, version: u32, message_id: &str, mut headers: FieldTable) -> BasicProperties {
     headers.insert(SCHEMA_HEADER.into(), AMQPValue::LongString(LongString::from(schema)));
     headers.insert(SCHEMA_VERSION_HEADER.into(), AMQPValue::LongLongInt(version.into()));
-    inject_current_context(&mut headers);
+    if get_str(Some(&headers), "traceparent").is_none() {
+        inject_current_context(&mut headers);
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     BasicProperties::default()
         .with_content_type("application/json".into())

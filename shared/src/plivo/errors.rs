@@ -14,7 +14,9 @@ pub enum Retryability {
     Unknown,
 }
 
+/// Plivo's error code and what it means: the one shape of it in the HTTP API and in events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = PlivoError))]
 pub struct ErrorCodeInfo {
     pub code: u32,
     pub reason: &'static str,

@@ -36,7 +36,7 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
     let stack = Stack::start(pool.clone(), sim_config(), |_, worker| worker.sending.concurrency = 64).await;
     let (client, ingress_url) = (stack.client.clone(), stack.ingress_url.clone());
     let worker_settings = stack.worker_settings.clone();
-    let mut events = subscribe_to_events(&stack.broker).await;
+    let mut events = stack.broker.subscribe_to_events("message.status.*").await;
 
     // 1,000 over HTTP …
     let http_ids: Vec<String> = futures_util::stream::iter(0..1000)
@@ -160,25 +160,6 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
     check_events(&pool, &mut events, &rows).await;
     publisher_shutdown.cancel();
     stack.stop().await;
-}
-
-/// A service's queue bound to every status event; exclusive, so it goes with the test's
-/// connection.
-async fn subscribe_to_events(broker: &shared::testing::TestBroker) -> lapin::Consumer {
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
-    let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
-    let queue = broker.channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
-    let name = queue.name().as_str();
-    let events = broker.topology.events_exchange();
-    let bind = QueueBindOptions::default();
-    broker
-        .channel
-        .queue_bind(name.into(), events.into(), "message.status.*".into(), bind, FieldTable::default())
-        .await
-        .unwrap();
-    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    broker.channel.basic_consume(name.into(), "".into(), no_ack, FieldTable::default()).await.unwrap()
 }
 
 /// Every message's events, as the subscriber received them: no event twice (no relay crashed),

@@ -27,6 +27,7 @@ async fn one_trace_covers_the_callback_from_request_to_database_row(pool: PgPool
     shared::telemetry::install("smsflow-test", &telemetry, provider.clone()).unwrap();
 
     let stack = Stack::start(pool.clone(), sim_config(), |_, _| {}).await;
+    let mut events = stack.broker.subscribe_to_events("#").await;
     let answer = stack
         .callbacks()
         .post_signed_callback(&[("MessageUUID", "traced-1"), ("Status", "delivered"), ("Sequence", "3")])
@@ -39,6 +40,14 @@ async fn one_trace_covers_the_callback_from_request_to_database_row(pool: PgPool
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let event = tokio::time::timeout(Duration::from_secs(30), futures_util::StreamExt::next(&mut events))
+        .await
+        .expect("the status change's event is published")
+        .unwrap()
+        .unwrap();
+    let event_traceparent = shared::amqp::headers::get_str(event.properties.headers().as_ref(), "traceparent")
+        .expect("the event carries a traceparent")
+        .to_owned();
     stack.stop().await;
     provider.force_flush().unwrap();
     let spans = exporter.get_finished_spans().unwrap();
@@ -54,6 +63,11 @@ async fn one_trace_covers_the_callback_from_request_to_database_row(pool: PgPool
     assert_eq!(publish.parent_span_id, server.span_context.span_id(), "publish is a child of the request");
     assert_eq!(consume.parent_span_id, publish.span_context.span_id(), "processing continues the publish's trace");
     assert_eq!(database.parent_span_id, consume.span_context.span_id(), "the transaction is part of processing");
+    assert_eq!(
+        event_traceparent.split('-').nth(1),
+        Some(trace_id.to_string().as_str()),
+        "the event links to the trace of the callback that caused it, not to the relay's"
+    );
     let attribute = |span: &SpanData, key: &str| {
         span.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
     };

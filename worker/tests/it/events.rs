@@ -7,8 +7,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use shared::amqp::Publisher;
 use shared::amqp::contracts::Event;
 use shared::testing::TestBroker;
@@ -17,26 +15,6 @@ use tokio_util::sync::CancellationToken;
 use worker::events::RelaySettings;
 use worker::status::event::{StatusUpdate, parse};
 use worker::storage::apply_status_batch;
-
-/// A queue of the test's own, bound to every event; exclusive, so the broker deletes it with
-/// the test's connection.
-async fn subscribe(broker: &TestBroker, pattern: &str) -> lapin::Consumer {
-    let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
-    let queue = broker.channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap();
-    broker
-        .channel
-        .queue_bind(
-            queue.name().as_str().into(),
-            broker.topology.events_exchange().into(),
-            pattern.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    broker.channel.basic_consume(queue.name().as_str().into(), "".into(), no_ack, FieldTable::default()).await.unwrap()
-}
 
 /// Status callbacks for `messages` messages, each queued → sent → delivered: one batch per
 /// status, so that each is a change of its own (within one batch only the winner is written).
@@ -72,7 +50,7 @@ async fn committed_events_are_published_after_a_crash_and_duplicates_keep_their_
     let broker = TestBroker::new().await;
     let settings = crate::helpers::settings_for(&broker);
     let (publisher, publisher_shutdown) = crate::helpers::publisher_for(&settings).await;
-    let mut consumer = subscribe(&broker, "#").await;
+    let mut consumer = broker.subscribe_to_events("#").await;
 
     // The worker committed these changes and died before its relay published any of them.
     for batch in batches(400) {
@@ -141,7 +119,7 @@ async fn one_relay_leads_and_a_standby_takes_over_when_it_stops(pool: PgPool) {
     let broker = TestBroker::new().await;
     let settings = crate::helpers::settings_for(&broker);
     let (publisher, publisher_shutdown) = crate::helpers::publisher_for(&settings).await;
-    let mut consumer = subscribe(&broker, "message.status.delivered").await;
+    let mut consumer = broker.subscribe_to_events("message.status.delivered").await;
     let (first, second) = (CancellationToken::new(), CancellationToken::new());
     let leader = spawn_relay(&pool, &publisher, &broker, first.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
