@@ -67,6 +67,38 @@ pub async fn events(pool: &PgPool, id: Uuid) -> Result<Vec<EventRow>, sqlx::Erro
     .await
 }
 
+/// One attempt to deliver a message's status event to its callback URL.
+#[derive(Debug, Clone, FromRow, Serialize, utoipa::ToSchema)]
+#[schema(as = WebhookAttempt)]
+pub struct WebhookAttemptRow {
+    /// The event delivered, also the request's `webhook-id`.
+    pub event_id: Uuid,
+    /// The event's type, e.g. `message.status.delivered`.
+    pub event_type: String,
+    /// 1 for the first try of this event.
+    pub attempt: i32,
+    /// Scheme, host, port and path of the callback URL (never its query).
+    pub endpoint: String,
+    /// `delivered` (2xx), `rejected` (another status), `unreachable` (no answer in time),
+    /// `refused_address` (not a public address, and not allowed).
+    pub outcome: String,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub attempted_at: OffsetDateTime,
+}
+
+pub async fn webhook_attempts(pool: &PgPool, id: Uuid) -> Result<Vec<WebhookAttemptRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT event_id, event_type, attempt, endpoint, outcome, status_code, error, duration_ms, attempted_at
+         FROM webhook_attempts WHERE message_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+}
+
 /// Filters of `GET /v1/messages`; every combination is served by an index.
 #[derive(Debug, Clone, Default)]
 pub struct MessageFilter {

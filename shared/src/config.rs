@@ -383,6 +383,43 @@ impl WorkerTuning {
     }
 }
 
+/// Signed webhooks to send jobs' callback URLs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WebhookSettings {
+    /// `whsec_…` secrets; every webhook is signed with each (first the newest), so a receiver
+    /// keeps verifying while a secret is rotated. None: callbacks are not delivered (each
+    /// is dead-lettered with that reason, and the worker warns at start).
+    #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
+    pub secrets: Vec<SecretString>,
+    /// One attempt's whole time (connect, TLS, request, answer).
+    pub timeout_ms: u64,
+    /// Webhooks in flight at once in one worker (also its prefetch on the webhook queue).
+    pub concurrency: u16,
+    /// Of those, at most this many to one endpoint (scheme, host and port): a slow receiver
+    /// cannot take every slot. Past it a webhook waits a short while, then goes round the
+    /// first rung of the retry ladder without using an attempt.
+    pub per_endpoint_concurrency: u16,
+    /// Whether callback URLs may reach loopback, private, link-local and other non-public
+    /// addresses (checked on every address a name resolves to).
+    pub allow_private_addresses: bool,
+}
+
+impl WebhookSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for secret in &self.secrets {
+            crate::webhook::SigningKey::parse(secret.expose_secret())
+                .map_err(|e| ConfigError::new("webhooks.secrets", format!("every secret {e}")))?;
+        }
+        positive("webhooks.timeout_ms", self.timeout_ms)?;
+        positive("webhooks.concurrency", self.concurrency.into())?;
+        positive("webhooks.per_endpoint_concurrency", self.per_endpoint_concurrency.into())?;
+        if self.per_endpoint_concurrency > self.concurrency {
+            return Err(ConfigError::new("webhooks.per_endpoint_concurrency", "must not exceed webhooks.concurrency"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiSettings {
     #[serde(default, deserialize_with = "de::secret_list", serialize_with = "redact::secret_list")]
@@ -469,6 +506,7 @@ impl Validate for IngressSettings {
 pub struct WorkerSettings {
     pub worker: WorkerTuning,
     pub sending: SendingSettings,
+    pub webhooks: WebhookSettings,
     pub http: CallbackUrlSettings,
     pub amqp: AmqpSettings,
     pub database: DatabaseSettings,
@@ -480,6 +518,7 @@ impl Validate for WorkerSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         self.worker.validate()?;
         self.sending.validate()?;
+        self.webhooks.validate()?;
         self.http.validate()?;
         self.amqp.validate()?;
         self.database.validate()?;

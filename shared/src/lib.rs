@@ -13,5 +13,6 @@ pub mod redact;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod webhook;
 
 pub use db::MIGRATOR;

@@ -12,6 +12,8 @@ use crate::config::{AmqpSettings, IngressSettings, WorkerSettings};
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const TEST_AUTH_TOKEN: &str = "MzRmNzU0ZTc1ZDFiNWNlZmE3YjRlYjU2ZTk4ZDBk";
 pub const TEST_PUBLIC_BASE_URL: &str = "https://hooks.test.example";
+/// The webhook signing secret of test workers (32 bytes).
+pub const TEST_WEBHOOK_SECRET: &str = "whsec_c21zZmxvdyB0ZXN0IHdlYmhvb2sgc2VjcmV0IGtleSE=";
 
 pub fn amqp_url() -> String {
     std::env::var("SMSFLOW_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
@@ -234,6 +236,9 @@ fn test_env() -> Vec<(String, String)> {
         // Tests run many services side by side: every admin listener on a free port.
         ("SMSFLOW_HTTP__ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
         ("SMSFLOW_TELEMETRY__LOG_FILTER".into(), "warn".into()),
+        ("SMSFLOW_WEBHOOKS__SECRETS".into(), format!("[\"{TEST_WEBHOOK_SECRET}\"]")),
+        // Test receivers listen on loopback.
+        ("SMSFLOW_WEBHOOKS__ALLOW_PRIVATE_ADDRESSES".into(), "true".into()),
     ]
 }
 

@@ -162,6 +162,54 @@ pub async fn consume_with_reconnect(
     }
 }
 
+/// Handles each delivery in a task of its own until shutdown or the session is lost (the
+/// prefetch bounds how many are in progress); those in progress finish before this returns. A
+/// task's error (a delivery it could not reroute or ack) ends the session: the broker
+/// redelivers what was not acked.
+pub async fn consume_concurrently<F>(
+    session: &mut Session,
+    shutdown: &CancellationToken,
+    queue: &str,
+    handle: impl Fn(Delivery) -> F,
+) -> SessionEnd
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    use tracing::Instrument as _;
+    let mut in_progress: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    let end = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break SessionEnd::Shutdown,
+            Some(done) = in_progress.join_next() => {
+                if let Some(error) = task_error(done) {
+                    break SessionEnd::Lost(error);
+                }
+            }
+            next = session.next_delivery() => match next {
+                Ok(delivery) => {
+                    let span = consumer_span("process", queue, &[&delivery]);
+                    in_progress.spawn(handle(delivery).instrument(span));
+                }
+                Err(e) => break SessionEnd::Lost(e),
+            },
+        }
+    };
+    while let Some(done) = in_progress.join_next().await {
+        if let Some(error) = task_error(done) {
+            tracing::warn!(queue, error = %format!("{error:#}"), "delivery left unacked; it will be redelivered");
+        }
+    }
+    end
+}
+
+fn task_error(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(anyhow::anyhow!("task failed: {e}")),
+    }
+}
+
 /// Why a delivery is retried later. `label` is the `reason` of `smsflow_retries_total`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetryCause {
@@ -170,16 +218,19 @@ pub enum RetryCause {
     Plivo(String),
     /// At-least-once: a worker stopped during the Plivo call, so the job is sent again.
     InterruptedCall,
+    /// A webhook's receiver did not answer 2xx; the text says what it did.
+    Webhook(String),
 }
 
 impl RetryCause {
-    pub const LABELS: [&'static str; 3] = ["database_unavailable", "plivo", "interrupted_call"];
+    pub const LABELS: [&'static str; 4] = ["database_unavailable", "plivo", "interrupted_call", "webhook"];
 
     pub fn label(&self) -> &'static str {
         match self {
             Self::DatabaseUnavailable(_) => Self::LABELS[0],
             Self::Plivo(_) => Self::LABELS[1],
             Self::InterruptedCall => Self::LABELS[2],
+            Self::Webhook(_) => Self::LABELS[3],
         }
     }
 }
@@ -188,7 +239,7 @@ impl std::fmt::Display for RetryCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::DatabaseUnavailable(error) => write!(f, "database unavailable: {error}"),
-            Self::Plivo(what) => f.write_str(what),
+            Self::Plivo(what) | Self::Webhook(what) => f.write_str(what),
             Self::InterruptedCall => f.write_str("interrupted call; at-least-once"),
         }
     }
@@ -217,10 +268,13 @@ pub enum DeadReason {
         retries: i64,
         cause: RetryCause,
     },
+    /// A webhook that can never be delivered as asked: its URL reaches an address that is not
+    /// allowed, is not an http(s) URL, or nothing is configured to sign it with.
+    WebhookRefused(String),
 }
 
 impl DeadReason {
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "not_json",
         "schema",
         "missing_field",
@@ -229,6 +283,7 @@ impl DeadReason {
         "idempotency_conflict",
         "database_refused",
         "retries_exhausted",
+        "webhook_refused",
     ];
 
     pub fn label(&self) -> &'static str {
@@ -241,6 +296,7 @@ impl DeadReason {
             Self::IdempotencyConflict(_) => Self::LABELS[5],
             Self::DatabaseRefused(_) => Self::LABELS[6],
             Self::RetriesExhausted { .. } => Self::LABELS[7],
+            Self::WebhookRefused(_) => Self::LABELS[8],
         }
     }
 }
@@ -253,7 +309,8 @@ impl std::fmt::Display for DeadReason {
             | Self::MissingField(text)
             | Self::UnknownStatus(text)
             | Self::InvalidJob(text)
-            | Self::IdempotencyConflict(text) => f.write_str(text),
+            | Self::IdempotencyConflict(text)
+            | Self::WebhookRefused(text) => f.write_str(text),
             Self::DatabaseRefused(error) => write!(f, "refused by the database: {error}"),
             Self::RetriesExhausted { retries, cause } => write!(f, "gave up after {retries} retries: {cause}"),
         }
@@ -311,6 +368,19 @@ impl Rerouter {
             latest.acker.ack(BasicAckOptions { multiple: true }).await?;
         }
         Ok(())
+    }
+
+    /// Puts a delivery that could not start yet (it did not fail) through the first rung of the
+    /// retry ladder with its attempt count unchanged, then acks it; false (and nothing done)
+    /// when there is no ladder.
+    pub async fn defer(&self, stream: Stream, delivery: &Delivery) -> anyhow::Result<bool> {
+        let Some(queue) = self.topology.retry_queue(stream, 1) else {
+            return Ok(false);
+        };
+        let properties = with_headers(delivery, &[]);
+        self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(true)
     }
 
     /// Whether this delivery has used every rung of the retry ladder: retrying it now would
@@ -419,6 +489,7 @@ mod tests {
             (DeadReason::IdempotencyConflict(text()), "idempotency_conflict"),
             (DeadReason::DatabaseRefused(text()), "database_refused"),
             (DeadReason::RetriesExhausted { retries: 5, cause: RetryCause::Plivo(text()) }, "retries_exhausted"),
+            (DeadReason::WebhookRefused(text()), "webhook_refused"),
         ];
         let labels: std::collections::BTreeSet<&str> = cases.iter().map(|(reason, _)| reason.label()).collect();
         assert_eq!(labels.len(), DeadReason::LABELS.len(), "one label per reason");
@@ -441,6 +512,7 @@ mod tests {
             (RetryCause::DatabaseUnavailable("x".into()), "database_unavailable"),
             (RetryCause::Plivo("cannot connect to Plivo".into()), "plivo"),
             (RetryCause::InterruptedCall, "interrupted_call"),
+            (RetryCause::Webhook("the receiver answered 500".into()), "webhook"),
         ];
         for (cause, label) in &cases {
             assert_eq!(cause.label(), *label);

@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use shared::amqp::contracts::Event;
+use shared::amqp::contracts::{Event, WebhookJob};
 use shared::amqp::headers::json_message;
-use shared::amqp::{PublishError, Publisher, Topology};
+use shared::amqp::{PublishError, Publisher, Stream, Topology};
 use sqlx::postgres::{PgConnection, PgListener};
 use sqlx::{Connection as _, PgPool};
 use time::OffsetDateTime;
@@ -55,6 +55,8 @@ struct OutboxRow {
     traceparent: Option<String>,
     occurred_at: OffsetDateTime,
     created_at: OffsetDateTime,
+    /// The message's callback URL, for a status event of a message that has one.
+    webhook_url: Option<String>,
 }
 
 /// Relays until `shutdown`: leads when it can, stands by when another worker leads.
@@ -65,10 +67,9 @@ pub async fn run(
     settings: RelaySettings,
     shutdown: CancellationToken,
 ) {
-    let exchange = topology.events_exchange();
     let mut backoff = shared::amqp::reconnect_backoff();
     while !shutdown.is_cancelled() {
-        match lead(&pool, &publisher, &exchange, &settings, &shutdown).await {
+        match lead(&pool, &publisher, &topology, &settings, &shutdown).await {
             Ok(Leadership::Held) => backoff = shared::amqp::reconnect_backoff(),
             Ok(Leadership::Elsewhere) => {
                 metrics::gauge!("smsflow_event_relay_leader").set(0.0);
@@ -94,7 +95,7 @@ enum Leadership {
 async fn lead(
     pool: &PgPool,
     publisher: &Publisher,
-    exchange: &str,
+    topology: &Topology,
     settings: &RelaySettings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Leadership> {
@@ -120,7 +121,7 @@ async fn lead(
             record_depth(&mut connection).await?;
             last_gauges = tokio::time::Instant::now();
         }
-        let relayed = relay_once(&mut connection, publisher, exchange, settings.batch_size).await?;
+        let relayed = relay_once(&mut connection, publisher, topology, settings.batch_size).await?;
         if relayed < settings.batch_size as usize {
             // Caught up: wait for a commit's notification, or poll.
             tokio::select! {
@@ -135,11 +136,11 @@ async fn lead(
 async fn relay_once(
     connection: &mut PgConnection,
     publisher: &Publisher,
-    exchange: &str,
+    topology: &Topology,
     batch_size: i64,
 ) -> anyhow::Result<usize> {
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT id, event_id, routing_key, subject, data, traceparent, occurred_at, created_at
+        "SELECT id, event_id, routing_key, subject, data, traceparent, occurred_at, created_at, webhook_url
          FROM event_outbox ORDER BY id LIMIT $1",
     )
     .bind(batch_size)
@@ -158,7 +159,7 @@ async fn relay_once(
     let published = join_all(subjects.into_values().map(|events| async move {
         let mut confirmed = Vec::with_capacity(events.len());
         for row in events {
-            match publish(publisher, exchange, row).await {
+            match publish(publisher, topology, row).await {
                 Ok(()) => confirmed.push(row.id),
                 Err(error) => {
                     tracing::warn!(error = %error, event_id = %row.event_id, "event not published; retrying");
@@ -183,19 +184,31 @@ async fn relay_once(
     }
 }
 
-async fn publish(publisher: &Publisher, exchange: &str, row: &OutboxRow) -> Result<(), PublishError> {
+/// Publishes one event, and its webhook job when its message has a callback URL: both
+/// confirmed, or an error (and the row stays for the next round; a second copy of either then
+/// carries the same event id).
+async fn publish(publisher: &Publisher, topology: &Topology, row: &OutboxRow) -> Result<(), PublishError> {
     let event = Event::new(row.event_id, &row.routing_key, row.occurred_at, row.created_at, row.data.clone());
     let payload = serde_json::to_vec(&event).expect("an event serializes");
-    let mut headers = lapin::types::FieldTable::default();
-    if let Some(traceparent) = &row.traceparent {
-        headers.insert("traceparent".into(), lapin::types::AMQPValue::LongString(traceparent.as_str().into()));
-    }
-    let properties = json_message(Event::SCHEMA, Event::VERSION, &row.event_id.to_string(), headers);
-    match publisher.publish_to(exchange, &row.routing_key, &payload, properties).await {
+    let properties = |schema, version| {
+        let mut headers = lapin::types::FieldTable::default();
+        if let Some(traceparent) = &row.traceparent {
+            headers.insert("traceparent".into(), lapin::types::AMQPValue::LongString(traceparent.as_str().into()));
+        }
+        json_message(schema, version, &row.event_id.to_string(), headers)
+    };
+    let properties_of_event = properties(Event::SCHEMA, Event::VERSION);
+    match publisher.publish_to(&topology.events_exchange(), &row.routing_key, &payload, properties_of_event).await {
         // No service subscribes to this kind of event: nothing to deliver.
-        Err(PublishError::Unroutable(_)) | Ok(()) => Ok(()),
-        Err(error) => Err(error),
+        Err(PublishError::Unroutable(_)) | Ok(()) => {}
+        Err(error) => return Err(error),
     }
+    let (Some(url), Ok(message_id)) = (&row.webhook_url, row.subject.parse::<Uuid>()) else {
+        return Ok(());
+    };
+    let job = serde_json::to_vec(&WebhookJob::new(url.clone(), message_id, event)).expect("a webhook job serializes");
+    let properties_of_job = properties(WebhookJob::SCHEMA, WebhookJob::VERSION);
+    publisher.publish_to(&topology.exchange(), Stream::Webhook.routing_key(), &job, properties_of_job).await
 }
 
 /// `smsflow_event_outbox_depth` and `smsflow_event_outbox_oldest_seconds`.

@@ -15,6 +15,7 @@ pub mod replay;
 pub mod send;
 pub mod status;
 pub mod storage;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -73,6 +74,7 @@ pub async fn run_with(
     shared::telemetry::spawn_metrics_upkeep();
     broker::register_metrics();
     send::register_metrics();
+    webhooks::register_metrics();
     let topology = Topology::from_settings(&settings.amqp);
     // Publishing (dead letters, retries) has its own connection, closed after consuming stops.
     let publisher_shutdown = CancellationToken::new();
@@ -92,8 +94,14 @@ pub async fn run_with(
     let status_consuming = Arc::new(AtomicBool::new(false));
     let send_consuming = Arc::new(AtomicBool::new(false));
     let inbound_consuming = Arc::new(AtomicBool::new(false));
+    let webhook_consuming = Arc::new(AtomicBool::new(false));
     let admin_task = admin.map(|listener| {
-        let flags = vec![status_consuming.clone(), send_consuming.clone(), inbound_consuming.clone()];
+        let flags = vec![
+            status_consuming.clone(),
+            send_consuming.clone(),
+            inbound_consuming.clone(),
+            webhook_consuming.clone(),
+        ];
         tokio::spawn(admin::serve(listener, flags, shutdown.clone()))
     });
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };
@@ -132,6 +140,13 @@ pub async fn run_with(
         rerouter: rerouter.clone(),
         consuming: inbound_consuming,
     });
+    let webhooks = Arc::new(webhooks::WebhookPipeline::new(
+        &settings,
+        topology.clone(),
+        pool.clone(),
+        rerouter.clone(),
+        webhook_consuming,
+    )?);
     let relay = tokio::spawn(events::run(
         pool.clone(),
         publisher.clone(),
@@ -142,19 +157,20 @@ pub async fn run_with(
     let status =
         Arc::new(StatusPipeline { settings, topology, pool: pool.clone(), rerouter, consuming: status_consuming });
 
-    // Either pipeline failing for good stops the other: the process exits and is restarted.
+    // Any pipeline failing for good stops the others: the process exits and is restarted.
     let stop_on_error = |result: anyhow::Result<()>| {
         if result.is_err() {
             shutdown.cancel();
         }
         result
     };
-    let (status_result, send_result, inbound_result) = tokio::join!(
+    let (status_result, send_result, inbound_result, webhook_result) = tokio::join!(
         async { stop_on_error(status.run(shutdown.clone()).await) },
         async { stop_on_error(send.run(shutdown.clone()).await) },
         async { stop_on_error(inbound.run(shutdown.clone()).await) },
+        async { stop_on_error(webhooks.run(shutdown.clone()).await) },
     );
-    let result = status_result.and(send_result).and(inbound_result);
+    let result = status_result.and(send_result).and(inbound_result).and(webhook_result);
 
     shutdown.cancel();
     // What the relay has not published yet stays in the outbox for the next relay.

@@ -30,7 +30,7 @@ enum Command {
     /// Move dead-lettered messages back to their work queue (after fixing the cause).
     ReplayDeadLetters {
         /// Which queue's dead letters: status, inbound or send.
-        #[arg(long, value_parser = ["status", "inbound", "send"], default_value = "status")]
+        #[arg(long, value_parser = ["status", "inbound", "send", "webhook"], default_value = "status")]
         stream: String,
         /// Only count the dead letters by reason; move nothing.
         #[arg(long)]

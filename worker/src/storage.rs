@@ -254,8 +254,8 @@ pub mod sending {
         let row = sqlx::query!(
             r#"
             INSERT INTO messages AS m (id, sender, recipient, body, status, encoding, segments, metadata,
-                                       job_fingerprint, accepted_at)
-            VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, now())
+                                       job_fingerprint, callback_url, accepted_at)
+            VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, $9, now())
             ON CONFLICT (id) DO UPDATE SET job_fingerprint = m.job_fingerprint
             RETURNING (xmax = 0) AS "inserted!", job_fingerprint AS stored
             "#,
@@ -267,6 +267,7 @@ pub mod sending {
             job.sms.segments as i16,
             job.metadata,
             &fingerprint[..],
+            job.callback,
         )
         .fetch_one(pool)
         .await?;

@@ -81,6 +81,10 @@ pub struct MessageView {
     /// Only in the view of one message.
     #[serde(skip_serializing_if = "Option::is_none")]
     events: Option<Vec<EventView>>,
+    /// Only in the view of one message: every attempt to deliver its status events to its
+    /// callback URL, oldest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    webhook_attempts: Option<Vec<storage::WebhookAttemptRow>>,
 }
 
 /// One callback of a message.
@@ -125,6 +129,7 @@ impl MessageView {
             created_at: row.created_at,
             updated_at: row.updated_at,
             events: None,
+            webhook_attempts: None,
         }
     }
 }
@@ -164,8 +169,10 @@ pub async fn get_message(
     let id = parse_uuid(&id, "the message id (ours or Plivo's MessageUUID)")?;
     let row = storage::message(&state.db, id).await.map_err(db_error)?.ok_or(IngressError::NotFoundMessage)?;
     let events = storage::events(&state.db, row.id).await.map_err(db_error)?;
+    let webhook_attempts = storage::webhook_attempts(&state.db, row.id).await.map_err(db_error)?;
     let mut view = MessageView::new(row, token.full_read);
     view.events = Some(events.into_iter().map(|e| EventView::new(e, token.full_read)).collect());
+    view.webhook_attempts = Some(webhook_attempts);
     Ok(Json(view))
 }
 

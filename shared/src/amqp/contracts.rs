@@ -75,8 +75,10 @@ pub struct SendMessage<Id> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Reserved: a URL to notify of status changes (accepted and validated, not yet called).
+    /// An http(s) URL that receives each status change of the message as a signed webhook
+    /// (Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 2048, pattern = "^[Hh][Tt][Tt][Pp][Ss]?://"))]
     pub callback: Option<String>,
 }
 
@@ -164,5 +166,27 @@ impl Event {
             recorded_at,
             data,
         }
+    }
+}
+
+/// A webhook to deliver (`smsflow.webhook` version 1): the event relay publishes one per status
+/// event of a message that has a callback URL, in the same round as the event itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookJob {
+    pub schema: String,
+    pub version: u32,
+    /// The message's callback URL.
+    pub url: String,
+    pub message_id: uuid::Uuid,
+    /// The body of the POST, as subscribers over AMQP receive it.
+    pub event: Event,
+}
+
+impl WebhookJob {
+    pub const SCHEMA: &'static str = "smsflow.webhook";
+    pub const VERSION: u32 = 1;
+
+    pub fn new(url: String, message_id: uuid::Uuid, event: Event) -> Self {
+        Self { schema: Self::SCHEMA.into(), version: Self::VERSION, url, message_id, event }
     }
 }

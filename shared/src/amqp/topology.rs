@@ -5,6 +5,7 @@
 //!  {p} (topic) ──callback.status──► {p}.status ──(rejected / delivery limit)──► {p}.dead ──► {p}.status.dead
 //!              ──callback.inbound─► {p}.inbound                                         ──► {p}.inbound.dead
 //!              ──send.job─────────► {p}.send                                            ──► {p}.send.dead
+//!              ──webhook.delivery─► {p}.webhook                                         ──► {p}.webhook.dead
 //!  {p}.status.retry.N (TTL = retry_delays_ms[N-1]) ──expires──► {p}.status   (likewise for each stream)
 //! ```
 //! Every queue is a quorum queue (replicated, and required for at-least-once dead-lettering).
@@ -24,16 +25,20 @@ pub enum Stream {
     Inbound,
     /// Send jobs from HTTP clients and internal publishers.
     Send,
+    /// Signed webhooks to deliver: one per status event of a message with a callback URL,
+    /// handed over by the event relay.
+    Webhook,
 }
 
 impl Stream {
-    pub const ALL: [Stream; 3] = [Stream::Status, Stream::Inbound, Stream::Send];
+    pub const ALL: [Stream; 4] = [Stream::Status, Stream::Inbound, Stream::Send, Stream::Webhook];
 
     pub fn name(self) -> &'static str {
         match self {
             Stream::Status => "status",
             Stream::Inbound => "inbound",
             Stream::Send => "send",
+            Stream::Webhook => "webhook",
         }
     }
 
@@ -43,6 +48,7 @@ impl Stream {
             Stream::Status => "callback.status",
             Stream::Inbound => "callback.inbound",
             Stream::Send => "send.job",
+            Stream::Webhook => "webhook.delivery",
         }
     }
 }

@@ -19,6 +19,8 @@ pub fn is_short_code(raw: &str) -> bool {
     (3..=MAX_SHORT_CODE_DIGITS).contains(&raw.len()) && raw.chars().all(|c| c.is_ascii_digit())
 }
 pub const MAX_METADATA_BYTES: usize = 4096;
+/// A callback URL longer than this is refused (browsers and proxies agree on about 2 KiB).
+pub const MAX_CALLBACK_URL_BYTES: usize = 2048;
 
 /// Who the message is from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -129,10 +131,8 @@ impl SendJob {
         if contains_nul(&metadata) {
             return Err(field("metadata", "must not contain NUL characters (U+0000)"));
         }
-        if let Some(callback) = &self.callback
-            && (!(callback.starts_with("https://") || callback.starts_with("http://")) || callback.contains('\0'))
-        {
-            return Err(field("callback", "must be an http:// or https:// URL"));
+        if let Some(callback) = &self.callback {
+            check_callback(callback)?;
         }
         // The sender as the job gave it: a default sender that differs between the ingress and
         // the worker, or changes between a request and its retry, is not a different message.
@@ -153,6 +153,35 @@ impl SendJob {
             fingerprint,
         })
     }
+}
+
+/// A callback must be an absolute http(s) URL with a host, no credentials and no fragment: the
+/// worker POSTs the message's status events to it. Which addresses it may reach is the
+/// worker's decision (`webhooks.allow_private_addresses`), made on every attempt.
+fn check_callback(callback: &str) -> Result<(), FieldError> {
+    if callback.len() > MAX_CALLBACK_URL_BYTES {
+        return Err(field("callback", format!("must be at most {MAX_CALLBACK_URL_BYTES} bytes")));
+    }
+    // The URL parser would quietly drop tabs and newlines and repair `http:/host`: what is
+    // called must be what was written.
+    let scheme = callback.get(..8).unwrap_or(callback).to_ascii_lowercase();
+    let not_http = || field("callback", "must be an http:// or https:// URL");
+    if !(scheme.starts_with("http://") || scheme.starts_with("https://"))
+        || callback.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(not_http());
+    }
+    let url = url::Url::parse(callback).map_err(|_| not_http())?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(field("callback", "must name a host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(field("callback", "must not carry credentials (user:password@); put a token in the path or query"));
+    }
+    if url.fragment().is_some() {
+        return Err(field("callback", "must not carry a fragment (#…)"));
+    }
+    Ok(())
 }
 
 fn contains_nul(value: &serde_json::Value) -> bool {
@@ -261,6 +290,19 @@ mod tests {
             (SendJob { powerpack_uuid: Some("not-a-uuid".into()), ..job("+14155552671", "hi") }, "", "powerpack_uuid"),
             (SendJob { powerpack_uuid: Some("".into()), ..job("+14155552671", "hi") }, "", "powerpack_uuid"),
         ];
+        let with_callback = |url: &str| SendJob { callback: Some(url.into()), ..job("+14155552671", "hi") };
+        let long = format!("https://example.com/{}", "a".repeat(MAX_CALLBACK_URL_BYTES));
+        for bad in [
+            "http://",
+            "ftp://example.com/",
+            "example.com/cb",
+            "https://u:p@example.com/",
+            "https://example.com/#x",
+            &long,
+        ] {
+            assert_eq!(with_callback(bad).validate("+14155550100").unwrap_err().field, "callback", "{bad}");
+        }
+        assert!(with_callback("https://hooks.example.com:8443/sms?token=abc").validate("+14155550100").is_ok());
         for (job, default_sender, expected) in cases {
             assert_eq!(job.validate(default_sender).unwrap_err().field, expected, "{job:?}");
         }

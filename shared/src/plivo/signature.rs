@@ -104,8 +104,13 @@ pub fn v2_signed_string(url: &str, nonce: &str) -> Result<String, UrlError> {
 
 /// `base64(HMAC-SHA256(token, message))`.
 pub fn hmac_base64(token: &str, message: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes()).expect("HMAC accepts any key length");
-    mac.update(message.as_bytes());
+    hmac_sha256_base64(token.as_bytes(), message.as_bytes())
+}
+
+/// `base64(HMAC-SHA256(key, message))` over bytes (webhook secrets are binary keys).
+pub fn hmac_sha256_base64(key: &[u8], message: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(message);
     BASE64.encode(mac.finalize().into_bytes())
 }
 

@@ -24,9 +24,7 @@ use shared::config::{DeliveryGuarantee, WorkerSettings};
 use shared::domain::MessageStatus;
 use shared::domain::send::ValidSend;
 use sqlx::PgPool;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use self::plivo::{PlivoClient, SendOutcome};
 use self::ratelimit::SenderRateLimiter;
@@ -133,33 +131,13 @@ impl SendPipeline {
     }
 
     async fn consume_jobs(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
-        // The prefetch bounds how many jobs are in progress.
-        let mut in_progress: JoinSet<anyhow::Result<()>> = JoinSet::new();
-        let end = loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break SessionEnd::Shutdown,
-                Some(done) = in_progress.join_next() => {
-                    if let Some(error) = task_error(done) {
-                        break SessionEnd::Lost(error);
-                    }
-                }
-                next = session.next_delivery() => match next {
-                    Ok(delivery) => {
-                        let pipeline = self.clone();
-                        let span = broker::consumer_span("process", &self.topology.queue(Stream::Send), &[&delivery]);
-                        in_progress.spawn(async move { pipeline.handle(delivery).await }.instrument(span));
-                    }
-                    Err(e) => break SessionEnd::Lost(e),
-                },
-            }
-        };
-        // Jobs already handed to Plivo finish and record their outcome before we stop.
-        while let Some(done) = in_progress.join_next().await {
-            if let Some(error) = task_error(done) {
-                tracing::warn!(error = %format!("{error:#}"), "send job left unacked; it will be redelivered");
-            }
-        }
-        end
+        // Jobs already handed to Plivo finish and record their outcome before this returns.
+        let queue = self.topology.queue(Stream::Send);
+        broker::consume_concurrently(session, &shutdown, &queue, |delivery| {
+            let pipeline = self.clone();
+            async move { pipeline.handle(delivery).await }
+        })
+        .await
     }
 
     /// Processes one job and disposes of it. Database trouble stays with this job: an outage
@@ -369,12 +347,4 @@ fn parse(delivery: &Delivery) -> Result<SendJob, DeadReason> {
     }
     serde_json::from_slice::<SendJob>(&delivery.data)
         .map_err(|e| DeadReason::InvalidJob(format!("not a valid send job: {}", shared::redact::json_error(&e))))
-}
-
-fn task_error(done: Result<anyhow::Result<()>, tokio::task::JoinError>) -> Option<anyhow::Error> {
-    match done {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
-        Err(e) => Some(anyhow::anyhow!("send task failed: {e}")),
-    }
 }

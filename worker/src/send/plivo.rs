@@ -159,7 +159,7 @@ fn error_text(json: &serde_json::Value, raw: &str) -> String {
 
 /// reqwest errors print the URL, which carries the account id: keep it out of logs and rows,
 /// and name the cause underneath instead ("error sending request" alone says nothing).
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     if let Some(i) = text.find(" for url (") {
         text.truncate(i);
