@@ -77,7 +77,20 @@ impl AppState {
             api_tokens: Arc::new(
                 tokens
                     .map(|(t, full)| {
-                        Arc::new(routes::auth::ApiToken::new(t.clone(), full, api.rate_per_second, api.burst))
+                        use secrecy::ExposeSecret as _;
+                        let default_callback = api
+                            .default_callbacks
+                            .iter()
+                            .find(|d| d.token.expose_secret() == t.expose_secret())
+                            .map(|d| d.url.clone());
+                        let token = routes::auth::ApiToken::new(
+                            t.clone(),
+                            full,
+                            default_callback,
+                            api.rate_per_second,
+                            api.burst,
+                        );
+                        Arc::new(token)
                     })
                     .collect(),
             ),

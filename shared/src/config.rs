@@ -429,6 +429,19 @@ pub struct ApiSettings {
     pub full_read_tokens: Vec<SecretString>,
     pub rate_per_second: u32,
     pub burst: u32,
+    /// A callback URL for the send requests of one token that name none.
+    #[serde(default)]
+    pub default_callbacks: Vec<DefaultCallback>,
+}
+
+/// `[[api.default_callbacks]]`: the callback URL of a token's send requests without one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DefaultCallback {
+    /// One of `api.tokens` or `api.full_read_tokens`.
+    #[serde(deserialize_with = "de::secret", serialize_with = "redact::secret")]
+    pub token: SecretString,
+    #[serde(deserialize_with = "de::string")]
+    pub url: String,
 }
 
 impl ApiSettings {
@@ -440,7 +453,27 @@ impl ApiSettings {
             return Err(ConfigError::new("api.full_read_tokens", "every token must be at least 16 characters"));
         }
         positive("api.rate_per_second", self.rate_per_second.into())?;
-        positive("api.burst", self.burst.into())
+        positive("api.burst", self.burst.into())?;
+        let known = |token: &SecretString| {
+            self.tokens.iter().chain(&self.full_read_tokens).any(|t| t.expose_secret() == token.expose_secret())
+        };
+        for (i, default) in self.default_callbacks.iter().enumerate() {
+            let key = format!("api.default_callbacks[{i}]");
+            if !known(&default.token) {
+                return Err(ConfigError::new(
+                    format!("{key}.token"),
+                    "must be one of api.tokens or api.full_read_tokens",
+                ));
+            }
+            crate::domain::send::check_callback(&default.url)
+                .map_err(|e| ConfigError::new(format!("{key}.url"), e.message))?;
+        }
+        let mut tokens: Vec<&str> = self.default_callbacks.iter().map(|d| d.token.expose_secret()).collect();
+        tokens.sort_unstable();
+        if tokens.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError::new("api.default_callbacks", "names a token twice"));
+        }
+        Ok(())
     }
 }
 

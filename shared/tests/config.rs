@@ -127,6 +127,53 @@ fn invalid_values_are_refused_with_the_key() {
 }
 
 #[test]
+fn webhook_settings_are_checked_with_the_key() {
+    let worker = |extra: &[(&str, &str)]| {
+        let mut vars = with_token(&[("SMSFLOW_PLIVO__AUTH_ID", "MA0123")]);
+        vars.extend(env(extra));
+        load_with_env::<WorkerSettings>(None, vars)
+    };
+    let cases: &[(&str, &str, &str, &str)] = &[
+        ("SMSFLOW_WEBHOOKS__SECRETS", "[\"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]", "webhooks.secrets", "whsec_"),
+        ("SMSFLOW_WEBHOOKS__SECRETS", "[\"whsec_c2hvcnQ=\"]", "webhooks.secrets", "24 to 64 bytes"),
+        ("SMSFLOW_WEBHOOKS__PER_ENDPOINT_CONCURRENCY", "64", "webhooks.per_endpoint_concurrency", "must not exceed"),
+        ("SMSFLOW_WEBHOOKS__TIMEOUT_MS", "0", "webhooks.timeout_ms", "greater than 0"),
+    ];
+    for (name, value, key, says) in cases {
+        let err = worker(&[(name, value)]).unwrap_err();
+        assert_eq!((&err.key.as_str(), err.message.contains(says)), (key, true), "{name}={value}: {err}");
+    }
+    let ok = worker(&[("SMSFLOW_WEBHOOKS__SECRETS", "[\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"]")]).unwrap();
+    assert_eq!(ok.webhooks.secrets.len(), 1);
+    assert!(!render(&ok).contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), "the secret is redacted");
+}
+
+#[test]
+fn a_default_callback_must_name_a_configured_token_and_a_valid_url() {
+    let load = |toml: &str| {
+        let file = temp_file(toml);
+        load_with_env::<IngressSettings>(Some(file.path()), with_token(&[]))
+    };
+    let tokens = "[api]\ntokens = [\"send-token-0123456789\"]\n";
+    let good = load(&format!(
+        "{tokens}[[api.default_callbacks]]\ntoken = \"send-token-0123456789\"\nurl = \"https://b.example.com/s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(good.api.default_callbacks[0].url, "https://b.example.com/s");
+    assert!(!render(&good).contains("send-token-0123456789"), "the token is redacted");
+    let unknown = load(&format!(
+        "{tokens}[[api.default_callbacks]]\ntoken = \"another-token-0123456789\"\nurl = \"https://b.example.com/s\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(unknown.key, "api.default_callbacks[0].token", "{unknown}");
+    assert!(!unknown.to_string().contains("another-token"), "the error does not repeat the token: {unknown}");
+    let bad_url =
+        load(&format!("{tokens}[[api.default_callbacks]]\ntoken = \"send-token-0123456789\"\nurl = \"ftp://b\"\n"))
+            .unwrap_err();
+    assert_eq!(bad_url.key, "api.default_callbacks[0].url", "{bad_url}");
+}
+
+#[test]
 fn a_missing_config_file_is_an_error_not_silently_ignored() {
     let err =
         load_with_env::<IngressSettings>(Some(std::path::Path::new("/nonexistent.toml")), with_token(&[])).unwrap_err();

@@ -19,6 +19,8 @@ pub struct ApiToken {
     pub full_read: bool,
     /// Scopes idempotency keys to their token.
     pub fingerprint: String,
+    /// The callback URL of this token's send requests that name none.
+    pub default_callback: Option<String>,
     /// SHA-256 of the token: presented tokens are compared by digest, so neither the
     /// comparison's time nor an early length check says anything about the token.
     digest: [u8; 32],
@@ -26,7 +28,13 @@ pub struct ApiToken {
 }
 
 impl ApiToken {
-    pub fn new(secret: secrecy::SecretString, full_read: bool, rate_per_second: u32, burst: u32) -> Self {
+    pub fn new(
+        secret: secrecy::SecretString,
+        full_read: bool,
+        default_callback: Option<String>,
+        rate_per_second: u32,
+        burst: u32,
+    ) -> Self {
         use secrecy::ExposeSecret as _;
         let digest: [u8; 32] = Sha256::digest(secret.expose_secret().as_bytes()).into();
         let fingerprint = digest.iter().map(|b| format!("{b:02x}")).collect();
@@ -34,6 +42,7 @@ impl ApiToken {
             digest,
             full_read,
             fingerprint,
+            default_callback,
             budget: shared::ratelimit::TokenBucket::new(rate_per_second.into(), burst.into()),
         }
     }

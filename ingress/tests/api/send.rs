@@ -72,6 +72,33 @@ async fn the_same_idempotency_key_gives_the_same_message_id() {
 }
 
 #[tokio::test]
+async fn a_token_with_a_default_callback_gives_it_to_requests_that_name_none() {
+    const OTHER: &str = "other-api-token-0123456789";
+    let app = send_app(|s| {
+        s.api.tokens.push(SecretString::from(OTHER));
+        s.api.default_callbacks = vec![shared::config::DefaultCallback {
+            token: SecretString::from(TOKEN),
+            url: "https://billing.example.com/sms-status".into(),
+        }];
+    })
+    .await;
+    let plain = json!({"to": "+14155552671", "text": "a"});
+    let own = json!({"to": "+14155552671", "text": "b", "callback": "https://own.example.com/cb"});
+    for body in [&plain, &own] {
+        assert_eq!(post(&app, "/v1/messages", body).send().await.unwrap().status(), 202);
+    }
+    let other = app.client.post(app.url("/v1/messages")).bearer_auth(OTHER).json(&plain);
+    assert_eq!(other.send().await.unwrap().status(), 202);
+
+    let callbacks: Vec<Option<String>> = queued_jobs(&app).await.into_iter().map(|j| j.callback).collect();
+    assert_eq!(
+        callbacks,
+        [Some("https://billing.example.com/sms-status".into()), Some("https://own.example.com/cb".into()), None],
+        "the token's default, the request's own, none for a token without one"
+    );
+}
+
+#[tokio::test]
 async fn the_express_guide_route_is_an_alias() {
     let app = send_app(|_| {}).await;
     let response = post(&app, "/send-sms", &json!({"to": "+14155552671", "text": "hi"})).send().await.unwrap();

@@ -158,7 +158,7 @@ impl SendJob {
 /// A callback must be an absolute http(s) URL with a host, no credentials and no fragment: the
 /// worker POSTs the message's status events to it. Which addresses it may reach is the
 /// worker's decision (`webhooks.allow_private_addresses`), made on every attempt.
-fn check_callback(callback: &str) -> Result<(), FieldError> {
+pub fn check_callback(callback: &str) -> Result<(), FieldError> {
     if callback.len() > MAX_CALLBACK_URL_BYTES {
         return Err(field("callback", format!("must be at most {MAX_CALLBACK_URL_BYTES} bytes")));
     }
