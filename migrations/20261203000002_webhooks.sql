@@ -15,7 +15,9 @@ ALTER TABLE event_outbox ADD COLUMN webhook_url text;
 CREATE FUNCTION smsflow_event_webhook_url() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.routing_key LIKE 'message.status.%' THEN
+    -- A subject that is not a message id (an operator's own event) has no URL, and no error.
+    IF NEW.routing_key LIKE 'message.status.%'
+       AND NEW.subject ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
         SELECT callback_url INTO NEW.webhook_url FROM messages WHERE id = NEW.subject::uuid;
     END IF;
     RETURN NEW;
@@ -32,7 +34,7 @@ CREATE TABLE webhook_attempts (
     event_type   text NOT NULL,
     -- 1 for the first try, then one more per rung of the retry ladder.
     attempt      integer NOT NULL,
-    -- Scheme, host, port and path: never the query, which may hold the receiver's secrets.
+    -- Scheme, host and port: never the path or query, which may hold the receiver's secret.
     endpoint     text NOT NULL,
     -- delivered, rejected (an HTTP status other than 2xx), unreachable (no answer within the
     -- timeout, connection refused, TLS), refused_address (private address not allowed).

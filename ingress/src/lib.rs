@@ -138,6 +138,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_method_not_allowed))
         // Every route reads its body itself, after authenticating, within a limit of its own
         // (answered 413 with a clear body); an extractor added later is bounded all the same.
         .layer(DefaultBodyLimit::max(state.body_limit))
@@ -231,6 +232,23 @@ fn method_label(method: &Method) -> &'static str {
 
 async fn not_found() -> IngressError {
     IngressError::NotFound
+}
+
+/// axum answers a known path asked with another method 405 with an empty body: every error of
+/// this API is JSON, so it gets the JSON one, keeping axum's `Allow` header.
+async fn json_method_not_allowed(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{ALLOW, CONTENT_TYPE};
+    use axum::response::IntoResponse as _;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED || response.headers().contains_key(CONTENT_TYPE) {
+        return response;
+    }
+    let message = "this path does not take this method (the Allow header lists those it takes)";
+    let mut json = IngressError::MethodNotAllowed { message, allow: "" }.into_response();
+    match response.headers().get(ALLOW) {
+        Some(allow) => json.headers_mut().insert(ALLOW, allow.clone()),
+        None => json.headers_mut().remove(ALLOW),
+    };
+    json
 }
 
 const MAX_HEAD_BYTES: usize = 64 * 1024;

@@ -77,7 +77,8 @@ pub struct WebhookAttemptRow {
     pub event_type: String,
     /// 1 for the first try of this event.
     pub attempt: i32,
-    /// Scheme, host, port and path of the callback URL (never its query).
+    /// Scheme, host and port of the callback URL (never its path or query: they may hold the
+    /// receiver's secret).
     pub endpoint: String,
     /// `delivered` (2xx), `rejected` (another status), `unreachable` (no answer in time),
     /// `refused_address` (not a public address, and not allowed).

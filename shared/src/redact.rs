@@ -57,13 +57,20 @@ pub fn numbers_in(text: &str) -> String {
 }
 
 /// A JSON decoding error as text that is safe to log, store or answer with. serde's type and
-/// value errors quote the refused value (a phone number, say); only the expectation is kept.
-/// Syntax errors and missing or unknown fields name no value and stay as they are.
+/// value errors quote the refused value (a phone number, say), and its unknown field and
+/// variant errors the caller's own key or word: only the expectation is kept. Syntax errors
+/// and missing fields name nothing of the input and stay as they are.
 pub fn json_error(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match text.split_once(", expected ") {
         Some((problem, expected)) if problem.starts_with("invalid type") || problem.starts_with("invalid value") => {
             format!("a field has the wrong type or value: expected {expected}")
+        }
+        Some((problem, expected)) if problem.starts_with("unknown field") => {
+            format!("a field is not one of this body's: expected {expected}")
+        }
+        Some((problem, expected)) if problem.starts_with("unknown variant") => {
+            format!("a value is not one of those allowed: expected {expected}")
         }
         _ => text,
     }
@@ -115,6 +122,15 @@ mod tests {
             assert!(!described.contains("14155550123"), "{described}");
             assert!(described.contains("expected"), "{described}");
         }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Strict {
+            to: String,
+        }
+        let unknown = serde_json::from_str::<Strict>(r#"{"to": "x", "+14155550123": 1}"#).unwrap_err();
+        let described = json_error(&unknown);
+        assert!(!described.contains("14155550123") && described.contains("`to`"), "{described}");
         let missing = serde_json::from_str::<Job>(r#"{"to": "x"}"#).unwrap_err();
         assert_eq!(json_error(&missing), missing.to_string(), "nothing to hide in a missing field");
     }

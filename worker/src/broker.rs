@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
 use shared::amqp::headers::get_int;
-use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, RETRY_COUNT_HEADER};
+use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, DEFERRAL_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{PublishError, Publisher, Stream, Topology};
 use shared::config::AmqpSettings;
 use tokio::time::Instant;
@@ -370,14 +370,15 @@ impl Rerouter {
         Ok(())
     }
 
-    /// Puts a delivery that could not start yet (it did not fail) through the first rung of the
-    /// retry ladder with its attempt count unchanged, then acks it; false (and nothing done)
-    /// when there is no ladder.
-    pub async fn defer(&self, stream: Stream, delivery: &Delivery) -> anyhow::Result<bool> {
-        let Some(queue) = self.topology.retry_queue(stream, 1) else {
+    /// Puts a delivery that could not start yet (it did not fail) through the retry ladder, its
+    /// `deferrals`-th time on rung `deferrals` (the last rung past it), with its retry count
+    /// unchanged, then acks it; false (and nothing done) when there is no ladder.
+    pub async fn defer(&self, stream: Stream, delivery: &Delivery, deferrals: i64) -> anyhow::Result<bool> {
+        let rung = (deferrals.max(1) as usize).min(self.topology.retry_delays_ms().len());
+        let Some(queue) = self.topology.retry_queue(stream, rung) else {
             return Ok(false);
         };
-        let properties = with_headers(delivery, &[]);
+        let properties = with_headers(delivery, &[(DEFERRAL_COUNT_HEADER, AMQPValue::LongLongInt(deferrals))]);
         self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
         delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(true)

@@ -256,7 +256,10 @@ pub mod sending {
             INSERT INTO messages AS m (id, sender, recipient, body, status, encoding, segments, metadata,
                                        job_fingerprint, callback_url, accepted_at)
             VALUES ($1, $2, $3, $4, 'accepted', $5, $6, $7, $8, $9, now())
-            ON CONFLICT (id) DO UPDATE SET job_fingerprint = m.job_fingerprint
+            ON CONFLICT (id) DO UPDATE SET job_fingerprint = m.job_fingerprint,
+                -- A row a status callback created before its job: the job's URL is the one.
+                callback_url = CASE WHEN m.job_fingerprint IS NULL THEN EXCLUDED.callback_url
+                                    ELSE m.callback_url END
             RETURNING (xmax = 0) AS "inserted!", job_fingerprint AS stored
             "#,
             job.id,

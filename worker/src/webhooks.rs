@@ -23,20 +23,23 @@ use reqwest::dns::{Name, Resolve, Resolving};
 use secrecy::ExposeSecret as _;
 use shared::amqp::contracts::WebhookJob;
 use shared::amqp::headers::get_int;
-use shared::amqp::topology::RETRY_COUNT_HEADER;
+use shared::amqp::topology::{DEFERRAL_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
 use shared::webhook::{ID_HEADER, SIGNATURE_HEADER, SigningKey, TIMESTAMP_HEADER, signature_header};
 use sqlx::PgPool;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, DeadReason, Disposition, Rerouter, RetryCause, Session, SessionEnd};
 
-/// How long a webhook waits for a slot at its endpoint before it goes round the ladder's first
-/// rung instead (freeing its prefetch slot for other endpoints' webhooks).
-const ENDPOINT_WAIT: Duration = Duration::from_millis(200);
+/// A webhook whose endpoint has no free slot goes round the retry ladder instead of holding a
+/// prefetch slot (rung 1, then 2, … as it is deferred again), without using an attempt; after
+/// this many deferrals it waits for a slot, so it cannot be deferred forever.
+const MAX_DEFERRALS: i64 = 10;
+/// How long recording an attempt may take: the attempt happened whatever the database says.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What one attempt came to; its `label` is stored and counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +86,10 @@ impl AttemptOutcome {
     fn disposition(&self) -> Disposition {
         match self {
             Self::Delivered { .. } => Disposition::Done,
+            // 410 Gone: the receiver says it wants no more (as Standard Webhooks senders read it).
+            Self::Rejected { status: 410 } => Disposition::Dead(DeadReason::WebhookRefused(
+                "the receiver answered 410 Gone: it accepts no more webhooks".into(),
+            )),
             Self::Rejected { .. } | Self::Unreachable { .. } => {
                 Disposition::retry(RetryCause::Webhook(self.error().unwrap_or_default()))
             }
@@ -93,12 +100,13 @@ impl AttemptOutcome {
 }
 
 /// Whether an address is one a webhook may reach without `allow_private_addresses`: not
-/// loopback, private, link-local, shared (CGNAT), unspecified, broadcast, multicast or
-/// documentation space, nor such an address mapped into IPv6.
+/// loopback, private, link-local, shared (CGNAT), unspecified, broadcast, multicast, reserved
+/// or documentation space, nor such an IPv4 address carried inside IPv6 (mapped, compatible,
+/// NAT64, 6to4), nor an IPv6 range that tunnels or is site-local.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -108,20 +116,33 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || v4.is_documentation()
                 || a == 0
                 || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
                 || (a == 198 && (b == 18 || b == 19))
                 || a >= 240)
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96, 64:ff9b:1::/48): a DNS64
+            // resolver turns a private A record into one of these.
+            if s[..6] == [0; 6] || (s[0] == 0x64 && s[1] == 0xff9b) {
+                return is_public(IpAddr::V4(embedded(s[6], s[7])));
+            }
+            // 6to4 carries its IPv4 address in the second and third groups.
+            if s[0] == 0x2002 {
+                return is_public(IpAddr::V4(embedded(s[1], s[2])));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00 // unique local
-                || (first & 0xffc0) == 0xfe80 // link-local
-                || first == 0x2001 && v6.segments()[1] == 0x0db8) // documentation
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed inside)
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo
+                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
         }
     }
 }
@@ -156,11 +177,11 @@ impl Resolve for PublicAddressesOnly {
     }
 }
 
-/// Where a webhook goes, as it may be shown and stored: scheme, host, port and path, never the
-/// query or credentials, which may be the receiver's secrets.
+/// Where a webhook goes, as it may be shown and stored: scheme, host and port only. A path
+/// or query may hold the receiver's secret (Slack-style URLs keep it in the path).
 pub fn endpoint_of(url: &reqwest::Url) -> String {
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-    format!("{}://{}{port}{}", url.scheme(), url.host_str().unwrap_or_default(), url.path())
+    format!("{}://{}{port}", url.scheme(), url.host_str().unwrap_or_default())
 }
 
 pub struct WebhookPipeline {
@@ -263,14 +284,18 @@ impl WebhookPipeline {
                 return self.rerouter.dispose(Stream::Webhook, &delivery, Disposition::Dead(reason)).await;
             }
         };
-        let Some(_slot) = self.endpoint_slot(&url).await else {
-            metrics::counter!("smsflow_webhook_deferrals_total").increment(1);
-            if self.rerouter.defer(Stream::Webhook, &delivery).await? {
-                return Ok(());
+        let endpoint = self.endpoint_semaphore(&url);
+        let _slot = match endpoint.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let deferrals = get_int(delivery.properties.headers().as_ref(), DEFERRAL_COUNT_HEADER).unwrap_or(0);
+                if deferrals < MAX_DEFERRALS && self.rerouter.defer(Stream::Webhook, &delivery, deferrals + 1).await? {
+                    metrics::counter!("smsflow_webhook_deferrals_total").increment(1);
+                    return Ok(());
+                }
+                // Deferred enough (or no ladder to defer through): wait for the endpoint.
+                endpoint.acquire_owned().await?
             }
-            // No ladder to defer through: wait for the endpoint like any other.
-            let _slot = self.endpoint_semaphore(&url).acquire_owned().await?;
-            return self.attempt(&delivery, &job, &url).await;
         };
         self.attempt(&delivery, &job, &url).await
     }
@@ -293,26 +318,26 @@ impl WebhookPipeline {
         );
         // The attempt happened whatever the database says: an outage loses its record, never
         // the delivery's progress (recording it again would mean calling the receiver again).
-        if let Err(error) = record_attempt(&self.pool, job, attempt, url, &outcome, elapsed).await {
-            tracing::warn!(error = %error, message_id = %job.message_id, "webhook attempt not recorded");
+        let recording = record_attempt(&self.pool, job, attempt, url, &outcome, elapsed);
+        let error = match tokio::time::timeout(RECORD_TIMEOUT, recording).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some(format!("no answer within {} ms", RECORD_TIMEOUT.as_millis())),
+        };
+        if let Some(error) = error {
+            metrics::counter!("smsflow_webhook_attempts_unrecorded_total").increment(1);
+            tracing::warn!(error, message_id = %job.message_id, "webhook attempt not recorded");
         }
         self.rerouter.dispose(Stream::Webhook, delivery, outcome.disposition()).await
     }
 
-    /// A slot at the URL's endpoint, if one frees up within `ENDPOINT_WAIT`.
-    async fn endpoint_slot(&self, url: &reqwest::Url) -> Option<OwnedSemaphorePermit> {
-        let semaphore = self.endpoint_semaphore(url);
-        tokio::time::timeout(ENDPOINT_WAIT, semaphore.acquire_owned()).await.ok()?.ok()
-    }
-
+    /// The slots of the URL's endpoint (scheme, host, port). Only endpoints with a webhook in
+    /// flight are kept: the map never outgrows the webhooks in progress.
     fn endpoint_semaphore(&self, url: &reqwest::Url) -> Arc<Semaphore> {
-        let key = format!(
-            "{}://{}:{}",
-            url.scheme(),
-            url.host_str().unwrap_or_default(),
-            url.port_or_known_default().unwrap_or(0)
-        );
+        let host = url.host_str().unwrap_or_default();
+        let key = format!("{}://{host}:{}", url.scheme(), url.port_or_known_default().unwrap_or(0));
         let mut endpoints = self.endpoints.lock().expect("endpoint map");
+        endpoints.retain(|_, slots| Arc::strong_count(slots) > 1);
         endpoints.entry(key).or_insert_with(|| Arc::new(Semaphore::new(self.per_endpoint))).clone()
     }
 
@@ -407,6 +432,7 @@ pub fn register_metrics() {
         metrics::counter!("smsflow_webhook_attempts_total", "outcome" => outcome).increment(0);
     }
     metrics::counter!("smsflow_webhook_deferrals_total").increment(0);
+    metrics::counter!("smsflow_webhook_attempts_unrecorded_total").increment(0);
 }
 
 #[cfg(test)]
@@ -431,24 +457,38 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
+            "::7f00:1",
+            "64:ff9b::a00:5",
+            "64:ff9b:1::a00:5",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "2001:0:4136:e378::1",
+            "2001:db8::1",
+            "192.0.0.8",
         ] {
             assert!(!is_public(private.parse().unwrap()), "{private} is not public");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for public in
+            ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+        {
             assert!(is_public(public.parse().unwrap()), "{public} is public");
         }
     }
 
     #[test]
-    fn the_stored_endpoint_never_holds_the_query_or_credentials() {
+    fn the_stored_endpoint_never_holds_the_path_query_or_credentials() {
         let url = reqwest::Url::parse("https://user:pw@hooks.example.com:8443/sms/status?token=s3cret").unwrap();
-        assert_eq!(endpoint_of(&url), "https://hooks.example.com:8443/sms/status");
+        assert_eq!(endpoint_of(&url), "https://hooks.example.com:8443");
     }
 
     #[test]
     fn rejected_and_unreachable_are_retried_and_a_refused_address_is_not() {
         assert_eq!(AttemptOutcome::Delivered { status: 204 }.disposition(), Disposition::Done);
         assert!(matches!(AttemptOutcome::Rejected { status: 500 }.disposition(), Disposition::Retry { .. }));
+        assert!(matches!(AttemptOutcome::Rejected { status: 302 }.disposition(), Disposition::Retry { .. }));
+        let gone = AttemptOutcome::Rejected { status: 410 }.disposition();
+        assert!(matches!(gone, Disposition::Dead(DeadReason::WebhookRefused(_))), "410 Gone stops at once");
         let unreachable = AttemptOutcome::Unreachable { error: "timed out".into() };
         assert!(matches!(unreachable.disposition(), Disposition::Retry { .. }));
         let refused = AttemptOutcome::RefusedAddress { reason: "10.0.0.1 is not a public address".into() };

@@ -84,7 +84,7 @@ pub async fn create_message(
         return Err(IngressError::UnsupportedMediaType { expected: "application/json" });
     }
     let body = super::read_body(&headers, body, SEND_BODY_LIMIT).await?;
-    let mut request: SendRequest = serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?;
+    let mut request = SendRequest::from_json(&body).map_err(|e| IngressError::from_json(&e))?;
     if request.callback.is_none() {
         request.callback.clone_from(&caller.default_callback);
     }

@@ -184,7 +184,11 @@ async fn valid_edge_cases_are_accepted() {
 async fn unknown_routes_and_methods_are_refused() {
     let app = spawn_app_with(|_| {}).await;
     assert_eq!(app.client.get(app.url("/nope")).send().await.unwrap().status(), 404);
-    assert_eq!(app.client.put(app.url("/plivo/callback")).send().await.unwrap().status(), 405);
+    let refused = app.client.put(app.url("/plivo/callback")).send().await.unwrap();
+    assert_eq!(refused.status(), 405);
+    assert!(refused.headers().contains_key("allow"), "the 405 names the methods the path takes");
+    let body: serde_json::Value = refused.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
 }
 
 #[tokio::test]

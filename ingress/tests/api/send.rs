@@ -138,6 +138,24 @@ async fn bad_send_requests_are_refused_by_name_and_queue_nothing() {
         ),
         ("missing text", post(&app, "/v1/messages", &json!({"to": "+14155552671"})), 422, "invalid_field", None),
         (
+            "an id",
+            post(
+                &app,
+                "/v1/messages",
+                &json!({"id": "0193a1b2-0000-7000-8000-000000000001", "to": "+14155552671", "text": "hi"}),
+            ),
+            422,
+            "invalid_field",
+            None,
+        ),
+        (
+            "a null id",
+            post(&app, "/v1/messages", &json!({"id": null, "to": "+14155552671", "text": "hi"})),
+            422,
+            "invalid_field",
+            None,
+        ),
+        (
             "number instead of text",
             post(&app, "/v1/messages", &json!({"to": 14155552671u64, "text": "hi"})),
             422,

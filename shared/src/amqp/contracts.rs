@@ -94,9 +94,11 @@ pub type SendRequest = SendMessage<Option<Unassigned>>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unassigned {}
 
+const ID_REFUSAL: &str = "id is assigned by smsflow; to choose it, send an Idempotency-Key header instead";
+
 impl<'de> Deserialize<'de> for Unassigned {
     fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
-        Err(serde::de::Error::custom("id is assigned by smsflow; to choose it, send an Idempotency-Key header instead"))
+        Err(serde::de::Error::custom(ID_REFUSAL))
     }
 }
 
@@ -107,6 +109,17 @@ impl Serialize for Unassigned {
 }
 
 impl SendRequest {
+    /// Reads the HTTP body, refusing any `id` in it: serde reads `"id": null` as an absent
+    /// `Option`, so the keys are looked at too.
+    pub fn from_json(body: &[u8]) -> Result<Self, serde_json::Error> {
+        let request: Self = serde_json::from_slice(body)?;
+        let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> = serde_json::from_slice(body)?;
+        if keys.contains_key("id") {
+            return Err(serde::de::Error::custom(ID_REFUSAL));
+        }
+        Ok(request)
+    }
+
     /// The send job this request becomes under `id`.
     pub fn into_job(self, id: uuid::Uuid) -> SendJob {
         let SendMessage { id: _, to, text, from, powerpack_uuid, message_expiry, metadata, callback } = self;

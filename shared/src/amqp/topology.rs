@@ -214,6 +214,9 @@ fn long_string(value: &str) -> AMQPValue {
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-smsflow-dead-reason";
 /// How many times a message went through the retry ladder.
 pub const RETRY_COUNT_HEADER: &str = "x-smsflow-retry-count";
+/// How many times a webhook went round the ladder because its endpoint was busy (not an
+/// attempt: the retry count is unchanged).
+pub const DEFERRAL_COUNT_HEADER: &str = "x-smsflow-deferrals";
 /// On a send job going round the retry ladder after Plivo accepted it: Plivo's MessageUUID
 /// (empty if its answer had none). The redelivery records the submission; it never resends.
 pub const PLIVO_ACCEPTED_HEADER: &str = "x-smsflow-plivo-accepted";

@@ -176,7 +176,7 @@ pub fn check_callback(callback: &str) -> Result<(), FieldError> {
         return Err(field("callback", "must name a host"));
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(field("callback", "must not carry credentials (user:password@); put a token in the path or query"));
+        return Err(field("callback", "must not carry credentials (user:password@); put a token in the query"));
     }
     if url.fragment().is_some() {
         return Err(field("callback", "must not carry a fragment (#…)"));

@@ -18,6 +18,7 @@ use shared::testing::TEST_AUTH_TOKEN;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+pub mod events;
 pub mod report;
 pub mod stack;
 pub mod system;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use plivo_sim::{SimConfig, SimMessage};
+use reliability::events::Duplicates;
 use reliability::{API_TOKEN, Stack};
 use shared::amqp::contracts::SendJob;
 use shared::amqp::headers::json_message;
@@ -157,46 +158,11 @@ async fn two_thousand_messages_over_http_and_amqp_end_as_the_simulator_says(pool
         let dead = stack.broker.topology.dead_letter_queue(stream);
         assert_eq!(stack.broker.len(&dead).await, 0, "no dead letters in {stream:?}");
     }
-    check_events(&pool, &mut events, &rows).await;
+    // Every message's chain, from `accepted` (each was sent as a job) to its status.
+    let repeated = reliability::events::check_status_events(&pool, &mut events, Duplicates::Never).await;
+    assert_eq!(repeated, 0);
     publisher_shutdown.cancel();
     stack.stop().await;
-}
-
-/// Every message's events, as the subscriber received them: no event twice (no relay crashed),
-/// the first with no previous status, each naming the one before it, and the last the status
-/// in the database.
-async fn check_events(pool: &PgPool, consumer: &mut lapin::Consumer, rows: &[MessageRow]) {
-    wait_until("the outbox is relayed", Duration::from_secs(60), async || {
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM event_outbox").fetch_one(pool).await.unwrap();
-        left == 0
-    })
-    .await;
-    let mut chains: HashMap<String, Vec<shared::amqp::contracts::Event>> = HashMap::new();
-    let mut ids = std::collections::HashSet::new();
-    while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
-        let event: shared::amqp::contracts::Event = serde_json::from_slice(&delivery.unwrap().data).unwrap();
-        assert!(ids.insert(event.id), "event {} received twice without a relay crash", event.id);
-        chains.entry(event.data["message_id"].as_str().unwrap().to_owned()).or_default().push(event);
-    }
-    let mut broken = Vec::new();
-    for (id, _, status, _) in rows {
-        let chain = chains.get(&id.to_string()).map(Vec::as_slice).unwrap_or_default();
-        let statuses: Vec<&str> = chain.iter().map(|e| e.data["status"].as_str().unwrap_or("?")).collect();
-        let linked = chain.iter().enumerate().all(|(i, e)| {
-            let previous = e.data["previous_status"].as_str();
-            previous == i.checked_sub(1).map(|p| statuses[p]) && e.kind == format!("message.status.{}", statuses[i])
-        });
-        if !linked || statuses.first() != Some(&"accepted") || statuses.last() != Some(&status.as_str()) {
-            broken.push(format!("{id}: database {status}, events {statuses:?}"));
-        }
-    }
-    assert!(
-        broken.is_empty(),
-        "{} messages' events disagree:\n{}",
-        broken.len(),
-        broken[..broken.len().min(20)].join("\n")
-    );
-    assert_eq!(chains.len(), rows.len(), "events only for the messages sent");
 }
 
 async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 
 use plivo_sim::Fault;
+use reliability::events::Duplicates;
 use reliability::{Outcome, System, long_profile, run_scenario, sim_config};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -20,7 +21,10 @@ fn outage(short_secs: u64, long_secs: u64) -> Duration {
 
 /// Starts traffic, lets it run 3 s, then hands the system to the fault.
 async fn with_traffic(pool: PgPool) -> (System, tokio::task::JoinHandle<Vec<String>>, String) {
-    let system = System::start(pool, sim_config()).await;
+    with_traffic_on(System::start(pool, sim_config()).await).await
+}
+
+async fn with_traffic_on(system: System) -> (System, tokio::task::JoinHandle<Vec<String>>, String) {
     let (count, rate) = traffic_profile();
     // Longer than any outage: a job refused during the fault is accepted once it is over.
     let traffic = tokio::spawn(system.traffic().send(count, rate, Duration::from_secs(90)));
@@ -92,6 +96,56 @@ async fn ingress_stopped_under_load(
         system.restart_ingress().await;
         let outcome = finish(system, traffic, scenario, description, fault).await;
         assert_kept(&outcome, 0);
+    })
+    .await;
+}
+
+/// The worker dies with committed status changes whose events it has not published: the
+/// events exchange is removed first, so every change from then on stays in the outbox. After
+/// the restart the subscriber has every committed change of every message, in order.
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn worker_killed_between_commit_and_publish(_: PgPoolOptions, database: PgConnectOptions) {
+    use lapin::options::{ExchangeDeleteOptions, QueueBindOptions};
+    run_scenario(database, |pool| async move {
+        // Subscribed before the first job: every message's whole chain is expected.
+        let system = System::start(pool.clone(), sim_config()).await;
+        let mut events = system.broker.subscribe_to_events("message.status.*").await;
+        let (mut system, traffic, description) = with_traffic_on(system).await;
+        let exchange = system.broker.topology.events_exchange();
+        let channel = system.broker.connection.create_channel().await.unwrap();
+        channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await.unwrap();
+        let unpublished =
+            async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM event_outbox").fetch_one(&pool).await.unwrap() };
+        for _ in 0..100 {
+            if unpublished().await >= 20 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        system.kill_worker().await;
+        let stranded = unpublished().await;
+        system.progress(&format!("worker killed with {stranded} committed events unpublished"));
+        assert!(stranded > 0, "the kill must find committed, unpublished events");
+        // The exchange comes back (as a restarted worker would declare it) with the service's
+        // binding, before the relay can publish to it.
+        system.broker.topology.declare(&channel).await.unwrap();
+        let bind = QueueBindOptions::default();
+        let queue = events.queue();
+        let binding = "message.status.*".into();
+        channel.queue_bind(queue, exchange.as_str().into(), binding, bind, Default::default()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        system.start_worker();
+        let settled_pool = system.pool.clone();
+        let outcome = finish(
+            system,
+            traffic,
+            "1b. worker killed between commit and publish",
+            description,
+            "events exchange removed, worker killed with events in the outbox, restarted",
+        )
+        .await;
+        assert_kept(&outcome, 0);
+        reliability::events::check_status_events(&settled_pool, &mut events, Duplicates::SameIdOnly).await;
     })
     .await;
 }
@@ -230,12 +284,12 @@ async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(_: PgPoolO
                 let report = worker::replay::replay_dead_letters(&amqp, stream, true).await.unwrap();
                 reasons.extend(report.by_reason.into_iter().map(|(reason, n)| ((stream.name(), reason), n)));
             }
-            if reasons.values().sum::<u64>() == 3 {
+            if reasons.values().sum::<u64>() == Stream::ALL.len() as u64 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(reasons.len(), 3, "one dead letter per queue: {reasons:?}");
+        assert_eq!(reasons.len(), Stream::ALL.len(), "one dead letter per queue: {reasons:?}");
         assert!(reasons.keys().all(|(_, reason)| reason != "unknown" && !reason.is_empty()), "{reasons:?}");
         // ...and a replay before the cause is fixed puts them back once, without a loop or a loss
         // (replay after a fix: worker/tests/it/poison.rs).
@@ -245,9 +299,9 @@ async fn poison_in_every_queue_is_dead_lettered_and_traffic_continues(_: PgPoolO
         }
         system.progress(&format!("dead-letter reasons: {reasons:?}; replayed once, dead-lettered again"));
         let outcome =
-            finish(system, traffic, "6. poison", description, "one undecodable message in each of the three queues")
+            finish(system, traffic, "6. poison", description, "one undecodable message in each of the four queues")
                 .await;
-        assert_kept(&outcome, 3);
+        assert_kept(&outcome, Stream::ALL.len() as u32);
     })
     .await;
 }

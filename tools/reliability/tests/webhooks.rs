@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse as _;
 use futures_util::StreamExt as _;
 use plivo_sim::SimConfig;
 use reliability::{API_TOKEN, Stack};
@@ -26,7 +27,8 @@ struct Received {
     body: String,
 }
 
-/// A local webhook receiver: per `webhook-id`, the first `failures` requests get 500.
+/// A local webhook receiver: per `webhook-id`, the first `failures` requests get 500 (or,
+/// with `redirect`, a 302 to another path of the receiver, which counts what reaches it).
 struct Receiver {
     url: String,
     received: Arc<Mutex<Vec<Received>>>,
@@ -34,6 +36,10 @@ struct Receiver {
 
 impl Receiver {
     async fn start(failures: usize) -> Self {
+        Self::start_answering(failures, false).await
+    }
+
+    async fn start_answering(failures: usize, redirect: bool) -> Self {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let log = received.clone();
         let answer = move |headers: HeaderMap, body: Bytes| {
@@ -50,10 +56,27 @@ impl Receiver {
                 let mut log = log.lock().unwrap();
                 let seen = log.iter().filter(|r| r.id == request.id).count();
                 log.push(request);
-                if seen < failures { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::OK }
+                match seen < failures {
+                    true if redirect => (StatusCode::FOUND, [("location", "/followed")]).into_response(),
+                    true => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                    false => StatusCode::OK.into_response(),
+                }
             }
         };
-        let app = axum::Router::new().route("/hooks/sms", axum::routing::post(answer));
+        let followed = received.clone();
+        let follow = move |headers: HeaderMap| {
+            let followed = followed.clone();
+            async move {
+                let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let marker =
+                    Received { id, timestamp: String::new(), signature: "followed".into(), body: String::new() };
+                followed.lock().unwrap().push(marker);
+                StatusCode::OK
+            }
+        };
+        let app = axum::Router::new()
+            .route("/hooks/sms", axum::routing::post(answer))
+            .route("/followed", axum::routing::any(follow));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -116,7 +139,7 @@ async fn wait_for_attempts(
 
 /// Runs the Standard Webhooks reference verifier over the requests: the count it verified, and
 /// the count it refused once each body was altered by one character.
-fn verify_with_the_reference_library(requests: &[Received]) -> (usize, usize) {
+fn verify_with_the_reference_library(secret: &str, requests: &[Received]) -> (usize, usize) {
     let python = std::env::var("SMSFLOW_TEST_WEBHOOK_PYTHON").unwrap_or_else(|_| {
         panic!(
             "SMSFLOW_TEST_WEBHOOK_PYTHON is not set: run the tests with tools/test, which prepares a Python with \
@@ -139,7 +162,7 @@ for r in requests:
 print(verified, refused)
 "#;
     let mut child = std::process::Command::new(&python)
-        .args(["-c", script, TEST_WEBHOOK_SECRET])
+        .args(["-c", script, secret])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -185,7 +208,8 @@ async fn a_receiver_failing_twice_gets_each_event_three_times_signed_and_the_vie
             attempt["outcome"].as_str().unwrap().to_owned(),
             attempt["status_code"].as_i64(),
         ));
-        assert_eq!(attempt["endpoint"], receiver.url.split('?').next().unwrap(), "the query is never shown");
+        let origin = receiver.url.split("/hooks").next().unwrap();
+        assert_eq!(attempt["endpoint"], origin, "neither the path nor the query is shown");
     }
     let mut event_ids: Vec<&String> = by_event.keys().collect();
     event_ids.sort();
@@ -216,7 +240,7 @@ async fn a_receiver_failing_twice_gets_each_event_three_times_signed_and_the_vie
         assert_eq!(event["id"], *webhook_id, "webhook-id is the event id");
         assert_eq!(event["data"]["message_id"], id.as_str());
     }
-    let (verified, refused) = verify_with_the_reference_library(&received);
+    let (verified, refused) = verify_with_the_reference_library(TEST_WEBHOOK_SECRET, &received);
     assert_eq!((verified, refused), (received.len(), received.len()), "every signature verifies, no altered body does");
     assert_eq!(stack.broker.len(&stack.broker.topology.dead_letter_queue(Stream::Webhook)).await, 0);
     stack.stop().await;
@@ -230,21 +254,70 @@ async fn a_receiver_on_a_loopback_address_is_refused_unless_allowed(pool: PgPool
     // By address, and by a name that resolves to it.
     let by_address = send_with_callback(&stack, &receiver.url).await;
     let by_name = send_with_callback(&stack, &receiver.url.replace("127.0.0.1", "localhost")).await;
+    let mut refused = 0u32;
     for id in [&by_address, &by_name] {
-        let view = wait_for_attempts(&stack, id, "a refused attempt", |attempts| !attempts.is_empty()).await;
-        let attempt = &view["webhook_attempts"][0];
-        assert_eq!(attempt["outcome"], "refused_address", "{attempt}");
-        assert_eq!(attempt["attempt"], 1, "a refused address is not retried");
-        assert!(attempt["error"].as_str().unwrap().contains("public address"), "{attempt}");
+        let view = wait_for_attempts(&stack, id, "the delivered event's refusal", |attempts| {
+            attempts.iter().any(|a| a["event_type"] == "message.status.delivered")
+        })
+        .await;
+        for attempt in view["webhook_attempts"].as_array().unwrap() {
+            assert_eq!(attempt["outcome"], "refused_address", "{attempt}");
+            assert_eq!(attempt["attempt"], 1, "a refused address is never retried: {attempt}");
+            assert!(attempt["error"].as_str().unwrap().contains("public address"), "{attempt}");
+            refused += 1;
+        }
     }
     let dead = stack.broker.topology.dead_letter_queue(Stream::Webhook);
     for _ in 0..50 {
-        if stack.broker.len(&dead).await >= 2 {
+        if stack.broker.len(&dead).await >= refused {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(stack.broker.len(&dead).await >= 2, "refused webhooks are dead-lettered with their reason");
+    assert_eq!(stack.broker.len(&dead).await, refused, "each refused webhook is dead-lettered, once");
     assert!(receiver.received().is_empty(), "nothing reached the receiver");
+    stack.stop().await;
+}
+
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_redirect_is_never_followed_and_the_last_attempt_dead_letters_signed_with_both_secrets_in_rotation(
+    pool: PgPool,
+) {
+    const NEW_SECRET: &str = "whsec_bmV3IHNtc2Zsb3cgd2ViaG9vayBzZWNyZXQsIDMyIGI=";
+    let receiver = Receiver::start_answering(usize::MAX, true).await;
+    let stack = Stack::start(pool.clone(), sim_config(), |_, worker| {
+        worker.webhooks.secrets =
+            vec![secrecy::SecretString::from(NEW_SECRET), secrecy::SecretString::from(TEST_WEBHOOK_SECRET)];
+    })
+    .await;
+    let id = send_with_callback(&stack, &receiver.url).await;
+    // The ladder has two rungs: three attempts, each answered 302, then the dead-letter queue.
+    let view = wait_for_attempts(&stack, &id, "the delivered event's third attempt", |attempts| {
+        attempts.iter().any(|a| a["event_type"] == "message.status.delivered" && a["attempt"] == 3)
+    })
+    .await;
+    let attempts = view["webhook_attempts"].as_array().unwrap();
+    assert!(attempts.iter().all(|a| a["outcome"] == "rejected" && a["status_code"] == 302), "{attempts:?}");
+    let events: std::collections::BTreeSet<&str> = attempts.iter().map(|a| a["event_id"].as_str().unwrap()).collect();
+    let dead = stack.broker.topology.dead_letter_queue(Stream::Webhook);
+    for _ in 0..100 {
+        let tried = message_view(&stack, &id).await["webhook_attempts"].as_array().map_or(0, Vec::len);
+        if tried == 3 * events.len() && stack.broker.len(&dead).await as usize == events.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stack.broker.len(&dead).await as usize,
+        events.len(),
+        "each event's webhook dead-lettered after 3 tries"
+    );
+    let received = receiver.received();
+    assert!(received.iter().all(|r| r.signature != "followed"), "a redirect is never followed");
+    assert_eq!(received.len(), 3 * events.len());
+    for secret in [NEW_SECRET, TEST_WEBHOOK_SECRET] {
+        let (verified, _) = verify_with_the_reference_library(secret, &received);
+        assert_eq!(verified, received.len(), "a receiver that knows either secret verifies every webhook");
+    }
     stack.stop().await;
 }
