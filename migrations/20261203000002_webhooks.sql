@@ -4,27 +4,18 @@
 -- which publishes the event, also hands a delivery job to the worker's webhook stream in the
 -- same round, and deletes the row only when both are confirmed. Every attempt to deliver is
 -- recorded, for `GET /v1/messages/{id}`.
+--
+-- Status events are now written set-based: one statement-level trigger per statement on
+-- `messages` (transition tables) inserts all of the statement's events in one INSERT … SELECT
+-- and notifies the relay once, where row triggers ran a PL/pgSQL call, an INSERT and a NOTIFY
+-- per changed row. What is written is the same: the rules (no event for `sending`, `sending`
+-- back to `accepted` is no change, previous_status names the last status that had an event)
+-- and the data.
 
 ALTER TABLE messages ADD COLUMN callback_url text;
 
 -- Where the event must also be delivered as a webhook (NULL: nowhere).
 ALTER TABLE event_outbox ADD COLUMN webhook_url text;
-
--- Filled here rather than by each event's writer: a status event is written by a trigger on
--- `messages`, and the message's row is the one place the URL lives.
-CREATE FUNCTION smsflow_event_webhook_url() RETURNS trigger
-    LANGUAGE plpgsql AS $$
-BEGIN
-    -- A subject that is not a message id (an operator's own event) has no URL, and no error.
-    IF NEW.routing_key LIKE 'message.status.%'
-       AND NEW.subject ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$' THEN
-        SELECT callback_url INTO NEW.webhook_url FROM messages WHERE id = NEW.subject::uuid;
-    END IF;
-    RETURN NEW;
-END $$;
-
-CREATE TRIGGER event_outbox_webhook_url BEFORE INSERT ON event_outbox
-    FOR EACH ROW EXECUTE FUNCTION smsflow_event_webhook_url();
 
 CREATE TABLE webhook_attempts (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -48,3 +39,64 @@ CREATE TABLE webhook_attempts (
 );
 
 CREATE INDEX webhook_attempts_by_message ON webhook_attempts (message_id, id);
+
+
+-- A message's status event data; `previous` is NULL for a message's first event.
+CREATE FUNCTION smsflow_message_status_data(m messages, previous text) RETURNS jsonb
+    LANGUAGE sql STABLE
+    RETURN jsonb_build_object(
+        'message_id', m.id,
+        'message_uuid', m.message_uuid,
+        'status', m.status,
+        'previous_status', CASE previous WHEN 'sending' THEN 'accepted' ELSE previous END,
+        'status_reason', m.status_reason,
+        'error_code', m.error_code,
+        'sender', m.sender,
+        'recipient', m.recipient,
+        'units', m.units,
+        'amount', m.amount::text,
+        'metadata', m.metadata,
+        -- Plivo's own time of the status, when its callback gave one.
+        'status_at', m.status_event_at,
+        'accepted_at', m.accepted_at,
+        'submitted_at', m.submitted_at,
+        'terminal_at', m.terminal_at
+    );
+
+CREATE FUNCTION smsflow_message_status_events() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO event_outbox (routing_key, subject, data, traceparent, occurred_at, webhook_url)
+        SELECT 'message.status.' || n.status, n.id::text, smsflow_message_status_data(n, NULL),
+               smsflow_event_traceparent(), COALESCE(n.status_event_at, n.terminal_at, now()), n.callback_url
+        FROM new_rows n
+        WHERE n.status <> 'sending'
+        ORDER BY n.id;
+    ELSE
+        INSERT INTO event_outbox (routing_key, subject, data, traceparent, occurred_at, webhook_url)
+        SELECT 'message.status.' || n.status, n.id::text, smsflow_message_status_data(n, o.status),
+               smsflow_event_traceparent(), COALESCE(n.status_event_at, n.terminal_at, now()), n.callback_url
+        FROM new_rows n JOIN old_rows o ON o.id = n.id
+        WHERE o.status IS DISTINCT FROM n.status
+          AND n.status <> 'sending'
+          AND NOT (o.status = 'sending' AND n.status = 'accepted')
+        ORDER BY n.id;
+    END IF;
+    IF FOUND THEN
+        PERFORM pg_notify('smsflow_event_outbox', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER messages_status_created ON messages;
+DROP TRIGGER messages_status_changed ON messages;
+DROP FUNCTION smsflow_message_status_event();
+
+CREATE TRIGGER messages_status_created AFTER INSERT ON messages
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smsflow_message_status_events();
+
+CREATE TRIGGER messages_status_changed AFTER UPDATE ON messages
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION smsflow_message_status_events();

@@ -3,6 +3,7 @@
 //! PostgreSQL to accept a callback.
 #![forbid(unsafe_code)]
 
+pub mod batcher;
 pub mod error;
 pub mod openapi;
 pub mod replay;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub db: sqlx::PgPool,
     pub default_sender: Arc<str>,
     pub replays: Arc<replay::ReplayCache>,
+    /// Status callbacks go through it: one message per batch under load.
+    pub status_callbacks: batcher::CallbackBatcher,
 }
 
 /// Open connections on the admin listener at most (Prometheus and a person with curl).
@@ -62,7 +65,14 @@ impl AppState {
     pub fn new(settings: &IngressSettings, publisher: Publisher) -> anyhow::Result<Self> {
         let api = &settings.api;
         let tokens = api.tokens.iter().map(|t| (t, false)).chain(api.full_read_tokens.iter().map(|t| (t, true)));
+        let status_callbacks = batcher::CallbackBatcher::start(
+            publisher.clone(),
+            settings.amqp.prefix.as_str().into(),
+            shared::amqp::Stream::Status.routing_key(),
+            batcher::BatchSettings::from(&settings.amqp),
+        );
         Ok(Self {
+            status_callbacks,
             verifier: Arc::new(Verifier::from_settings(&settings.plivo)),
             replays: Arc::new(replay::ReplayCache::new(REPLAY_TTL, REPLAY_CAPACITY)),
             publisher,

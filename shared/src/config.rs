@@ -237,6 +237,11 @@ pub struct AmqpSettings {
     pub reconnect_give_up_ms: u64,
     /// 0: queues live until deleted. Otherwise RabbitMQ deletes a queue left unused this long.
     pub idle_queue_expiry_ms: u64,
+    /// The ingress publishes at most this many status callbacks as one message (1: each alone).
+    pub callback_batch_max: usize,
+    /// How long, while a publish is in flight, the ingress gathers callbacks for the next
+    /// message; an idle ingress publishes a callback at once.
+    pub callback_batch_window_us: u64,
 }
 
 impl AmqpSettings {
@@ -256,6 +261,10 @@ impl AmqpSettings {
         positive("amqp.prefetch", self.prefetch.into())?;
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
+        positive("amqp.callback_batch_max", self.callback_batch_max as u64)?;
+        if self.callback_batch_window_us > 100_000 {
+            return Err(ConfigError::new("amqp.callback_batch_window_us", "must be at most 100000 (0.1 s)"));
+        }
         if self.retry_delays_ms.contains(&0) {
             return Err(ConfigError::new("amqp.retry_delays_ms", "every delay must be > 0"));
         }

@@ -218,6 +218,15 @@ pub fn callback_event(params: &[(&str, &str)]) -> crate::amqp::contracts::Callba
     }
 }
 
+/// The callbacks a status message holds: one (version 1) or several (a version-2 batch).
+pub fn callbacks_in(payload: &[u8]) -> Vec<crate::amqp::contracts::CallbackEvent> {
+    use crate::amqp::contracts::{CallbackBatch, CallbackEvent};
+    match serde_json::from_slice::<CallbackEvent>(payload) {
+        Ok(event) => vec![event],
+        Err(_) => serde_json::from_slice::<CallbackBatch>(payload).expect("a callback or a batch of them").callbacks,
+    }
+}
+
 /// Ingress settings for tests: defaults plus the test token and public URL.
 pub fn base_ingress_settings() -> IngressSettings {
     crate::config::load_with_env(None, test_env()).expect("test settings load")

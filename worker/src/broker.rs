@@ -80,8 +80,6 @@ impl Session {
 /// A consumer span for deliveries (messaging semantic conventions): the first delivery's trace
 /// (from its `traceparent` header) is the parent, the others are linked.
 pub fn consumer_span(operation: &'static str, queue: &str, deliveries: &[&Delivery]) -> tracing::Span {
-    use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     let span = tracing::info_span!(
         "consume",
         otel.name = %format!("{operation} {queue}"),
@@ -99,17 +97,8 @@ pub fn consumer_span(operation: &'static str, queue: &str, deliveries: &[&Delive
     {
         span.record("messaging.message.id", id.as_str());
     }
-    let mut contexts =
-        deliveries.iter().map(|d| shared::amqp::headers::extract_context(d.properties.headers().as_ref()));
-    if let Some(first) = contexts.next() {
-        let _ = span.set_parent(first);
-    }
-    for context in contexts {
-        let linked = context.span().span_context().clone();
-        if linked.is_valid() {
-            span.add_link(linked);
-        }
-    }
+    let contexts = deliveries.iter().map(|d| shared::amqp::headers::extract_context(d.properties.headers().as_ref()));
+    shared::amqp::headers::continue_and_link(&span, contexts);
     span
 }
 
@@ -419,10 +408,35 @@ impl Rerouter {
         self.publisher.publish_to("", &queue, &delivery.data, with_headers(delivery, &headers)).await
     }
 
+    /// Publishes one part of a delivery (a poison callback inside a batch message) alone to
+    /// the dead-letter queue, confirmed, without acking the delivery; `headers` replace the
+    /// delivery's where the part differs (its schema version).
+    pub async fn dead_letter_part(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        part: &[u8],
+        reason: &DeadReason,
+        headers: Vec<(&'static str, AMQPValue)>,
+    ) -> Result<(), PublishError> {
+        self.publish_dead_payload(stream, delivery, part, reason, headers).await
+    }
+
     async fn publish_dead(
         &self,
         stream: Stream,
         delivery: &Delivery,
+        reason: &DeadReason,
+        extra: Vec<(&'static str, AMQPValue)>,
+    ) -> Result<(), PublishError> {
+        self.publish_dead_payload(stream, delivery, &delivery.data, reason, extra).await
+    }
+
+    async fn publish_dead_payload(
+        &self,
+        stream: Stream,
+        delivery: &Delivery,
+        payload: &[u8],
         reason: &DeadReason,
         extra: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
@@ -433,12 +447,7 @@ impl Rerouter {
         let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&text))];
         headers.extend(extra);
         self.publisher
-            .publish_to(
-                &self.topology.dead_letter_exchange(),
-                stream.name(),
-                &delivery.data,
-                with_headers(delivery, &headers),
-            )
+            .publish_to(&self.topology.dead_letter_exchange(), stream.name(), payload, with_headers(delivery, &headers))
             .await
     }
 }

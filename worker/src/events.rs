@@ -198,11 +198,9 @@ async fn publish(publisher: &Publisher, topology: &Topology, row: &OutboxRow) ->
         json_message(schema, version, &row.event_id.to_string(), headers)
     };
     let properties_of_event = properties(Event::SCHEMA, Event::VERSION);
-    match publisher.publish_to(&topology.events_exchange(), &row.routing_key, &payload, properties_of_event).await {
-        // No service subscribes to this kind of event: nothing to deliver.
-        Err(PublishError::Unroutable(_)) | Ok(()) => {}
-        Err(error) => return Err(error),
-    }
+    // No service subscribed to this kind of event: the broker drops it, nothing to deliver.
+    let events = topology.events_exchange();
+    publisher.publish_with(&events, &row.routing_key, &payload, properties_of_event, false).await?;
     let (Some(url), Ok(message_id)) = (&row.webhook_url, row.subject.parse::<Uuid>()) else {
         return Ok(());
     };

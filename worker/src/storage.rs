@@ -203,12 +203,17 @@ async fn trace_events(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
 
 /// What a failed write means for its delivery: an outage is retried later, a refusal is for good.
 pub fn disposition_of(error: sqlx::Error) -> crate::broker::Disposition {
-    use crate::broker::{DeadReason, Disposition, RetryCause};
+    use crate::broker::{Disposition, RetryCause};
     if is_transient(&error) {
         Disposition::retry(RetryCause::DatabaseUnavailable(error.to_string()))
     } else {
-        Disposition::Dead(DeadReason::DatabaseRefused(error.to_string()))
+        Disposition::Dead(refusal(error))
     }
+}
+
+/// Why the database refused a write for good, as a dead letter's reason.
+pub fn refusal(error: sqlx::Error) -> crate::broker::DeadReason {
+    crate::broker::DeadReason::DatabaseRefused(error.to_string())
 }
 
 /// Whether retrying the same statement later can succeed.

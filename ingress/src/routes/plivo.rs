@@ -171,7 +171,7 @@ async fn accept(state: &AppState, stream: Stream, request: Request) -> Result<St
         received_at: OffsetDateTime::now_utc(),
         request_id,
     };
-    publish(state, stream, &event).await?;
+    publish(state, stream, event).await?;
     publishing.queued();
     Ok(StatusCode::OK)
 }
@@ -185,9 +185,16 @@ fn refused(state: &AppState, error: VerifyError) -> IngressError {
     }
 }
 
-async fn publish(state: &AppState, stream: Stream, event: &CallbackEvent) -> Result<(), IngressError> {
+async fn publish(state: &AppState, stream: Stream, event: CallbackEvent) -> Result<(), IngressError> {
+    if stream == Stream::Status {
+        return state
+            .status_callbacks
+            .publish(event)
+            .await
+            .map_err(|reason| IngressError::Unavailable { reason, retry_after_secs: state.retry_after_secs });
+    }
     let payload =
-        serde_json::to_vec(event).map_err(|e| IngressError::BadRequest(format!("cannot encode event: {e}")))?;
+        serde_json::to_vec(&event).map_err(|e| IngressError::BadRequest(format!("cannot encode event: {e}")))?;
     let message_id = Uuid::now_v7().to_string();
     let span = tracing::info_span!(
         "publish",

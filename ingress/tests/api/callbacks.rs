@@ -32,6 +32,45 @@ async fn a_signed_status_callback_is_queued_persistently_with_every_parameter() 
     assert!(app.drain(Stream::Inbound).await.is_empty());
 }
 
+/// Under load, callbacks share messages: 400 concurrent callbacks arrive in fewer messages,
+/// version-2 batches among them, and every callback is in exactly one of them. A lone callback
+/// on an idle ingress is published alone, as version 1.
+#[tokio::test]
+async fn concurrent_callbacks_share_messages_and_each_is_in_exactly_one() {
+    use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+    let app = spawn_app().await;
+    app.wait_ready().await;
+    let response = app.post_signed("/plivo/callback", &status_params("lone-1", "sent")).await;
+    assert_eq!(response.status(), 200);
+    let lone = app.drain_messages(Stream::Status).await;
+    assert_eq!(lone.len(), 1);
+    assert_eq!(get_int(lone[0].1.headers().as_ref(), SCHEMA_VERSION_HEADER), Some(1), "idle: published alone");
+
+    let uuids: Vec<String> = (0..400).map(|i| format!("batched-{i}")).collect();
+    let answers = futures_util::future::join_all(
+        uuids.iter().map(|uuid| app.signed_post("/plivo/callback", &status_params(uuid, "delivered")).send()),
+    )
+    .await;
+    assert!(answers.iter().all(|a| a.as_ref().is_ok_and(|a| a.status() == 200)), "every callback answered 200");
+    let messages = app.drain_messages(Stream::Status).await;
+    let mut seen: Vec<String> = messages
+        .iter()
+        .flat_map(|(events, _)| events.iter().map(|e| e.param("MessageUUID").unwrap().to_owned()))
+        .collect();
+    seen.sort();
+    let mut expected = uuids.clone();
+    expected.sort();
+    assert_eq!(seen, expected, "every callback in exactly one message");
+    let batches = messages.iter().filter(|(events, _)| events.len() > 1).count();
+    assert!(messages.len() < uuids.len() && batches > 0, "{} messages for 400 callbacks", messages.len());
+    for (events, properties) in &messages {
+        let version = if events.len() > 1 { CallbackEvent::BATCH_VERSION } else { CallbackEvent::VERSION };
+        assert_eq!(get_int(properties.headers().as_ref(), SCHEMA_VERSION_HEADER), Some(version.into()));
+        assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+        assert!(events.len() <= 32, "at most amqp.callback_batch_max per message");
+    }
+}
+
 #[tokio::test]
 async fn an_inbound_sms_goes_to_the_inbound_queue() {
     let app = spawn_app().await;

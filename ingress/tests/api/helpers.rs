@@ -93,15 +93,26 @@ impl TestApp {
         self.signed_post(path_and_query, params).send().await.expect("request sent")
     }
 
-    /// Every event waiting in a stream's work queue, in order.
+    /// Every event waiting in a stream's work queue, in order (a batch message's callbacks one
+    /// after the other, each with its message's properties).
     pub async fn drain(&self, stream: Stream) -> Vec<(CallbackEvent, lapin::BasicProperties)> {
+        let messages = self.drain_messages(stream).await;
+        messages
+            .into_iter()
+            .flat_map(|(events, properties)| events.into_iter().map(move |e| (e, properties.clone())))
+            .collect()
+    }
+
+    /// Every message waiting in a stream's work queue, in order, with the callbacks it holds:
+    /// one (version 1) or several (a version-2 batch).
+    pub async fn drain_messages(&self, stream: Stream) -> Vec<(Vec<CallbackEvent>, lapin::BasicProperties)> {
         let queue = self.broker.topology.queue(stream);
-        let mut events = Vec::new();
+        let mut messages = Vec::new();
         while let Some(message) = self.broker.get(&queue).await {
-            let event: CallbackEvent = serde_json::from_slice(&message.delivery.data).expect("event JSON");
-            events.push((event, message.delivery.properties.clone()));
+            let events = shared::testing::callbacks_in(&message.delivery.data);
+            messages.push((events, message.delivery.properties.clone()));
         }
-        events
+        messages
     }
 }
 

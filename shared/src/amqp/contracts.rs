@@ -31,10 +31,29 @@ pub struct CallbackEvent {
 impl CallbackEvent {
     pub const SCHEMA: &'static str = "smsflow.plivo-callback";
     pub const VERSION: u32 = 1;
+    /// A [`CallbackBatch`]: several callbacks in one message.
+    pub const BATCH_VERSION: u32 = 2;
 
     /// The first value of a field.
     pub fn param(&self, key: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Several verified callbacks in one persistent message (`smsflow.plivo-callback` version 2):
+/// under load the ingress publishes the callbacks that arrive within a short window together,
+/// and answers each request once this message is confirmed. Each element is a whole version-1
+/// body, so one that cannot be processed is dead-lettered alone, as a version-1 message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackBatch {
+    pub schema: String,
+    pub version: u32,
+    pub callbacks: Vec<CallbackEvent>,
+}
+
+impl CallbackBatch {
+    pub fn new(callbacks: Vec<CallbackEvent>) -> Self {
+        Self { schema: CallbackEvent::SCHEMA.into(), version: CallbackEvent::BATCH_VERSION, callbacks }
     }
 }
 

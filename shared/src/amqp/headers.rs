@@ -30,6 +30,30 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// A trace context to continue or link from another task.
+pub use opentelemetry::Context as TraceContext;
+
+/// The current span's trace context.
+pub fn current_context() -> TraceContext {
+    tracing::Span::current().context()
+}
+
+/// Makes `span` continue the first trace and link the others: a span for work that several
+/// traces share (a batch of deliveries, a message holding several requests' callbacks).
+pub fn continue_and_link(span: &tracing::Span, contexts: impl IntoIterator<Item = TraceContext>) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let mut contexts = contexts.into_iter();
+    if let Some(first) = contexts.next() {
+        let _ = span.set_parent(first);
+    }
+    for context in contexts {
+        let linked = context.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+}
+
 /// Writes the current span's trace context into `headers`.
 pub fn inject_current_context(headers: &mut FieldTable) {
     let cx = tracing::Span::current().context();

@@ -120,6 +120,20 @@ impl Publisher {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
+        self.publish_with(exchange, routing_key, payload, properties, true).await
+    }
+
+    /// `publish_to` choosing the mandatory flag: without it, the broker drops an unroutable
+    /// message instead of returning it (status events nobody subscribed to), which saves it
+    /// and us a frame per such message. Confirmed either way.
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
         let Some(live) = self.current() else {
             metrics::counter!("smsflow_publish_total", "result" => "unavailable").increment(1);
@@ -129,7 +143,7 @@ impl Publisher {
         let channel = &live.channels[index];
         let timeout_ms = self.inner.settings.confirm_timeout_ms;
         let confirm = async {
-            let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+            let options = BasicPublishOptions { mandatory, ..Default::default() };
             channel.basic_publish(exchange.into(), routing_key.into(), options, payload, properties).await?.await
         };
         let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), confirm).await {

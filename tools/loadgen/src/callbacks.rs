@@ -131,9 +131,11 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
     let url = format!("{}/plivo/callback", load.ingress);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
+    let progress = crate::progress::Progress::new(prepared.len());
+    let shown = progress.show();
     let mut tasks = Vec::new();
     for _ in 0..load.connections.max(1) {
-        let (prepared, next, url) = (prepared.clone(), next.clone(), url.clone());
+        let (prepared, next, url, progress) = (prepared.clone(), next.clone(), url.clone(), progress.clone());
         let rate = load.rate;
         tasks.push(tokio::spawn(async move {
             // One keep-alive connection per task.
@@ -164,6 +166,7 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
                     Ok(response) => {
                         let status = response.status().as_u16();
                         let _ = response.bytes().await;
+                        progress.record(status == 200);
                         latency.record(micros.max(1))?;
                         *answers.entry(status.to_string()).or_default() += 1;
                         if status == 200 {
@@ -171,7 +174,10 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
                             last_ack = Some(Instant::now());
                         }
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        progress.record(false);
+                        errors += 1;
+                    }
                 }
             }
             Ok::<_, anyhow::Error>((latency, answers, errors, acked, last_ack))
@@ -192,6 +198,7 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
         acknowledged.extend(acked.into_iter().map(|i| prepared[i].event.clone()));
         last_ack = last_ack.max(last);
     }
+    drop(shown);
     let seconds = started.elapsed().as_secs_f64();
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let mut report = CallbackReport {

@@ -5,6 +5,7 @@
 
 pub mod callbacks;
 pub mod ceiling;
+pub mod progress;
 pub mod sends;
 
 use serde::Serialize;

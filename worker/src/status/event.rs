@@ -1,7 +1,7 @@
 //! From a queued Plivo callback to a status update, or to the reason it is poison.
 
 use sha2::{Digest, Sha256};
-use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::contracts::{CallbackBatch, CallbackEvent};
 use shared::domain::MessageStatus;
 use shared::domain::phone::{party_identity, their_identity};
 use shared::plivo::callback::{self, field, non_empty};
@@ -64,17 +64,53 @@ impl From<Poison> for crate::broker::DeadReason {
     }
 }
 
+/// One callback of a delivery: its update or why it is poison, and, inside a batch, its own
+/// version-1 body (to dead-letter it alone: its neighbours are processed).
+#[derive(Debug)]
+pub struct Item {
+    pub update: Result<StatusUpdate, Poison>,
+    pub alone: Option<Vec<u8>>,
+}
+
+/// Reads a delivery: one callback (version 1) or a batch of them (version 2; version 1 is
+/// tried first, the single callback being what most deliveries hold). An error: the message
+/// as a whole is unreadable, and is dead-lettered whole.
+pub fn parse_delivery(payload: &[u8]) -> Result<Vec<Item>, Poison> {
+    let single_error = match serde_json::from_slice::<CallbackEvent>(payload) {
+        Ok(event) => return Ok(vec![Item { update: parse_event(event), alone: None }]),
+        Err(e) => e,
+    };
+    let Ok(batch) = serde_json::from_slice::<CallbackBatch>(payload) else {
+        return Err(Poison::NotJson(shared::redact::json_error(&single_error)));
+    };
+    check_schema(&batch.schema, batch.version, CallbackEvent::BATCH_VERSION)?;
+    Ok(batch
+        .callbacks
+        .into_iter()
+        .map(|event| {
+            let alone = serde_json::to_vec(&event).expect("a callback serializes");
+            Item { update: parse_event(event), alone: Some(alone) }
+        })
+        .collect())
+}
+
+/// Reads a single callback (version 1).
 pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
     let event: CallbackEvent =
         serde_json::from_slice(payload).map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))?;
-    if event.schema != CallbackEvent::SCHEMA || event.version != CallbackEvent::VERSION {
-        return Err(Poison::WrongSchema {
-            schema: event.schema,
-            version: event.version,
-            expected: CallbackEvent::SCHEMA,
-            expected_version: CallbackEvent::VERSION,
-        });
+    parse_event(event)
+}
+
+fn check_schema(schema: &str, version: u32, expected_version: u32) -> Result<(), Poison> {
+    if schema != CallbackEvent::SCHEMA || version != expected_version {
+        let schema = schema.to_owned();
+        return Err(Poison::WrongSchema { schema, version, expected: CallbackEvent::SCHEMA, expected_version });
     }
+    Ok(())
+}
+
+fn parse_event(event: CallbackEvent) -> Result<StatusUpdate, Poison> {
+    check_schema(&event.schema, event.version, CallbackEvent::VERSION)?;
     let message_uuid = non_empty(event.param(field::MESSAGE_UUID)).ok_or(Poison::NoMessageUuid)?.to_owned();
     let raw_status = non_empty(event.param(field::STATUS)).ok_or(Poison::NoStatus)?;
     let status =
@@ -151,6 +187,24 @@ mod tests {
             parse(&event(&[("MessageUUID", "u"), ("Status", "lost")])),
             Err(Poison::UnknownStatus("lost".into()))
         );
+    }
+
+    #[test]
+    fn a_batch_is_read_callback_by_callback_and_its_poison_kept_alone() {
+        let good = shared::testing::callback_event(&[("MessageUUID", "u1"), ("Status", "sent")]);
+        let poison = shared::testing::callback_event(&[("MessageUUID", "u2"), ("Status", "lost")]);
+        let batch = CallbackBatch::new(vec![good.clone(), poison.clone(), good]);
+        let items = parse_delivery(&serde_json::to_vec(&batch).unwrap()).unwrap();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].update.as_ref().unwrap().status, MessageStatus::Sent);
+        assert_eq!(items[1].update, Err(Poison::UnknownStatus("lost".into())));
+        let alone: CallbackEvent = serde_json::from_slice(items[1].alone.as_ref().unwrap()).unwrap();
+        assert_eq!(alone, poison, "the poison is dead-lettered as the version-1 message it was");
+        let single = parse_delivery(&event(&[("MessageUUID", "u1"), ("Status", "sent")])).unwrap();
+        assert!(single.len() == 1 && single[0].alone.is_none(), "version 1 is still read");
+        assert!(matches!(parse_delivery(b"[1]"), Err(Poison::NotJson(_))));
+        let unknown = serde_json::json!({"schema": "smsflow.plivo-callback", "version": 3, "callbacks": []});
+        assert!(matches!(parse_delivery(unknown.to_string().as_bytes()), Err(Poison::WrongSchema { version: 3, .. })));
     }
 
     #[test]

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use backon::Retryable as _;
 use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use shared::amqp::contracts::CallbackEvent;
+use shared::amqp::headers::SCHEMA_VERSION_HEADER;
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
 use sqlx::PgPool;
@@ -15,16 +18,40 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::broker::{self, Disposition, Rerouter, RetryCause, Session, SessionEnd};
+use crate::broker::{self, DeadReason, Disposition, Rerouter, RetryCause, Session, SessionEnd};
 use crate::storage::{self, BatchOutcome};
 
 /// Writes queued status callbacks (their message bodies) as the status pipeline writes a batch,
 /// without a broker: the load generator measures the database's ceiling with it. Poison is an
 /// error here, not a dead letter.
 pub async fn write_payloads<P: AsRef<[u8]>>(pool: &PgPool, payloads: &[P]) -> anyhow::Result<u64> {
-    let updates: Vec<event::StatusUpdate> =
-        payloads.iter().map(|p| event::parse(p.as_ref())).collect::<Result<_, _>>()?;
+    let mut updates: Vec<event::StatusUpdate> = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        for item in event::parse_delivery(payload.as_ref())? {
+            updates.push(item.update?);
+        }
+    }
     Ok(storage::apply_status_batch(pool, &updates).await?.events_recorded)
+}
+
+/// A readable delivery: the range of its callbacks' updates in the batch, each one's own body
+/// when it came in a batch message, and its poison callbacks (body, reason).
+struct Readable<'d> {
+    delivery: &'d Delivery,
+    updates: std::ops::Range<usize>,
+    alone: Vec<Option<Vec<u8>>>,
+    poison: Vec<(Vec<u8>, DeadReason)>,
+}
+
+/// `smsflow_events_processed_total` and `smsflow_delivery_errors_total` for written updates.
+fn count(updates: &[event::StatusUpdate]) {
+    for update in updates {
+        metrics::counter!("smsflow_events_processed_total", "status" => update.status.as_str()).increment(1);
+        if let Some(code) = update.error_code {
+            // Bounded: Plivo's error-code table has a few dozen entries.
+            metrics::counter!("smsflow_delivery_errors_total", "error_code" => code.to_string()).increment(1);
+        }
+    }
 }
 
 /// Everything the status pipeline needs.
@@ -96,54 +123,103 @@ impl StatusPipeline {
         }
     }
 
-    /// Writes a batch, then disposes of it: poison to the dead-letter queue, transient failures
-    /// to the retry ladder, one multiple-ack. An error here means nothing was acked: the broker
-    /// will redeliver, and every write is idempotent.
+    /// Writes a batch, then disposes of it: poison to the dead-letter queue (a poison callback
+    /// inside a batch message alone, once the rest of its message is written), transient
+    /// failures to the retry ladder, one multiple-ack. An error here means nothing was acked:
+    /// the broker will redeliver, and every write is idempotent.
     async fn process(&self, batch: &[Delivery]) -> anyhow::Result<()> {
         let mut dispositions = Vec::with_capacity(batch.len());
-        let mut parsed = Vec::with_capacity(batch.len());
+        let mut readable: Vec<Readable<'_>> = Vec::with_capacity(batch.len());
+        let mut updates: Vec<event::StatusUpdate> = Vec::with_capacity(batch.len());
         for delivery in batch {
-            match event::parse(&delivery.data) {
-                Ok(update) => parsed.push((delivery, update)),
-                Err(poison) => dispositions.push((delivery, Disposition::Dead(poison.into()))),
+            let items = match event::parse_delivery(&delivery.data) {
+                Ok(items) => items,
+                Err(poison) => {
+                    dispositions.push((delivery, Disposition::Dead(poison.into())));
+                    continue;
+                }
+            };
+            let first = updates.len();
+            let mut parts = Readable { delivery, updates: first..first, alone: Vec::new(), poison: Vec::new() };
+            for item in items {
+                match (item.update, item.alone) {
+                    (Ok(update), alone) => {
+                        updates.push(update);
+                        parts.alone.push(alone);
+                    }
+                    (Err(poison), Some(alone)) => parts.poison.push((alone, poison.into())),
+                    // A single callback that is poison: the whole delivery is.
+                    (Err(poison), None) => parts.poison.push((Vec::new(), poison.into())),
+                }
+            }
+            parts.updates = first..updates.len();
+            match parts.poison.pop() {
+                Some((alone, reason)) if alone.is_empty() => dispositions.push((delivery, Disposition::Dead(reason))),
+                other => {
+                    parts.poison.extend(other);
+                    readable.push(parts);
+                }
             }
         }
-        let (deliveries, updates): (Vec<&Delivery>, Vec<event::StatusUpdate>) = parsed.into_iter().unzip();
-        metrics::histogram!("smsflow_status_batch_size").record(batch.len() as f64);
+        metrics::histogram!("smsflow_status_batch_size").record(updates.len() as f64);
         let started = std::time::Instant::now();
         match self.write(&updates).await {
             Ok(outcome) => {
                 metrics::histogram!("smsflow_status_batch_commit_seconds").record(started.elapsed().as_secs_f64());
-                for update in &updates {
-                    metrics::counter!("smsflow_events_processed_total", "status" => update.status.as_str())
-                        .increment(1);
-                    if let Some(code) = update.error_code {
-                        // Bounded: Plivo's error-code table has a few dozen entries.
-                        metrics::counter!("smsflow_delivery_errors_total", "error_code" => code.to_string())
-                            .increment(1);
-                    }
-                }
+                count(&updates);
                 metrics::counter!("smsflow_events_recorded_total").increment(outcome.events_recorded);
                 tracing::debug!(events = updates.len(), recorded = outcome.events_recorded, "status batch committed");
-                dispositions.extend(deliveries.into_iter().map(|d| (d, Disposition::Done)));
+                for parts in &readable {
+                    self.dead_letter_poison(parts).await?;
+                    dispositions.push((parts.delivery, Disposition::Done));
+                }
             }
             Err(e) if storage::is_transient(&e) => {
+                // Poison inside a message waits with it: it is dead-lettered, once, when the
+                // rest of its message is written.
                 let cause = RetryCause::DatabaseUnavailable(e.to_string());
-                dispositions.extend(deliveries.into_iter().map(|d| (d, Disposition::retry(cause.clone()))));
+                dispositions.extend(readable.iter().map(|parts| (parts.delivery, Disposition::retry(cause.clone()))));
             }
             Err(e) => {
                 // Something in the batch is refused by the database: find it, write the rest.
                 tracing::warn!(error = %e, "status batch refused; writing its events one by one");
-                for (delivery, update) in deliveries.into_iter().zip(&updates) {
-                    let disposition = match self.write(std::slice::from_ref(update)).await {
-                        Ok(_) => Disposition::Done,
-                        Err(e) => storage::disposition_of(e),
-                    };
-                    dispositions.push((delivery, disposition));
+                for mut parts in readable {
+                    let disposition = self.write_alone(&mut parts, &updates).await;
+                    if disposition == Disposition::Done {
+                        self.dead_letter_poison(&parts).await?;
+                    }
+                    dispositions.push((parts.delivery, disposition));
                 }
             }
         }
         self.rerouter.dispose_batch(Stream::Status, dispositions).await
+    }
+
+    /// Writes one delivery's callbacks one by one. A callback the database refuses becomes
+    /// poison of its own inside a batch message; a single callback's refusal is its delivery's.
+    async fn write_alone(&self, parts: &mut Readable<'_>, updates: &[event::StatusUpdate]) -> Disposition {
+        for (update, alone) in updates[parts.updates.clone()].iter().zip(&parts.alone) {
+            match self.write(std::slice::from_ref(update)).await {
+                Ok(_) => count(std::slice::from_ref(update)),
+                Err(e) if storage::is_transient(&e) => return storage::disposition_of(e),
+                Err(e) => match alone {
+                    Some(alone) => parts.poison.push((alone.clone(), storage::refusal(e))),
+                    None => return storage::disposition_of(e),
+                },
+            }
+        }
+        Disposition::Done
+    }
+
+    /// Publishes each poison callback of a batch message alone to the dead-letter queue
+    /// (confirmed), before its message is acked.
+    async fn dead_letter_poison(&self, parts: &Readable<'_>) -> anyhow::Result<()> {
+        for (alone, reason) in &parts.poison {
+            let version = AMQPValue::LongLongInt(CallbackEvent::VERSION.into());
+            let headers = vec![(SCHEMA_VERSION_HEADER, version)];
+            self.rerouter.dead_letter_part(Stream::Status, parts.delivery, alone, reason, headers).await?;
+        }
+        Ok(())
     }
 
     /// A few quick in-process retries for transient failures; longer outages go to the ladder.

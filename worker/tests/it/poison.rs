@@ -110,3 +110,42 @@ async fn twenty_five_dry_runs_then_a_replay_bring_back_every_dead_letter(pool: P
     assert_eq!(worker.broker.len(&dead).await, 0);
     worker.stop().await.unwrap();
 }
+
+/// A batch message (version 2) with a poison callback between two good ones: the poison alone
+/// is dead-lettered, as the version-1 message it was, and its neighbours are stored.
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn a_poison_callback_inside_a_batch_is_dead_lettered_alone_and_its_neighbours_are_stored(pool: PgPool) {
+    use shared::amqp::contracts::CallbackBatch;
+    use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+    let worker = start_worker(&pool, |_| {}).await;
+    let poison = callback("m-batch-poison", "teleported", 1);
+    let batch = CallbackBatch::new(vec![
+        callback("m-batch-1", "delivered", 3),
+        poison.clone(),
+        callback("m-batch-2", "undelivered", 3),
+    ]);
+    let body = serde_json::to_vec(&batch).unwrap();
+    publish_raw(&worker.publisher, &body, CallbackEvent::SCHEMA, CallbackEvent::BATCH_VERSION).await;
+
+    wait_for_events(&pool, 2, Duration::from_secs(20)).await;
+    assert_eq!(state_of(&pool, "m-batch-1").await.0, "delivered");
+    assert_eq!(state_of(&pool, "m-batch-2").await.0, "undelivered");
+    let dead = worker.broker.topology.dead_letter_queue(Stream::Status);
+    for _ in 0..50 {
+        if worker.broker.len(&dead).await >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(worker.broker.len(&dead).await, 1, "the poison alone, once");
+    let message = worker.broker.get(&dead).await.unwrap();
+    let headers = message.delivery.properties.headers().as_ref();
+    assert!(get_str(headers, DEAD_LETTER_REASON_HEADER).unwrap().starts_with("unknown status"));
+    assert_eq!(get_int(headers, SCHEMA_VERSION_HEADER), Some(1), "dead-lettered as a single callback");
+    let alone: CallbackEvent = serde_json::from_slice(&message.delivery.data).unwrap();
+    assert_eq!(alone, poison);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM message_events").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 2, "the neighbours, and nothing of the poison");
+    worker.stop().await.unwrap();
+}
