@@ -5,17 +5,20 @@
 //! callback. Each request waits for the confirm of the message holding its callback, so a
 //! failed publish answers every request of that batch 503, and a crash answers none of them.
 //!
-//! At low rates a callback does not wait for company: when no publish is in flight it is
-//! published at once, with whatever was already waiting.
+//! A callback never waits on a timer while the broker has room: with fewer than
+//! `2 × amqp.publish_channels` publishes in flight it is published at once, with whatever was
+//! already waiting. Only when every slot is busy do callbacks gather, until a slot frees, the
+//! batch is full (`amqp.callback_batch_max`) or `amqp.callback_batch_window_us` has passed
+//! (then it is published anyway): the batch size follows the load, as a database's group
+//! commit does.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shared::amqp::contracts::{CallbackBatch, CallbackEvent};
 use shared::amqp::headers::{TraceContext, continue_and_link, current_context, json_message};
 use shared::amqp::{PublishError, Publisher};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 
 /// A callback waiting for its message to be confirmed.
@@ -30,13 +33,22 @@ struct Pending {
 /// How callbacks are gathered into messages.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSettings {
+    /// Callbacks per message at most.
     pub max: usize,
+    /// How long a batch waits for a free slot before it is published anyway.
     pub window: Duration,
+    /// Publishes in flight before callbacks wait for company.
+    pub slots: usize,
 }
 
 impl From<&shared::config::AmqpSettings> for BatchSettings {
     fn from(amqp: &shared::config::AmqpSettings) -> Self {
-        Self { max: amqp.callback_batch_max, window: Duration::from_micros(amqp.callback_batch_window_us) }
+        Self {
+            max: amqp.callback_batch_max,
+            window: Duration::from_micros(amqp.callback_batch_window_us),
+            // Two per publishing channel: each channel pipelines its confirms.
+            slots: amqp.publish_channels * 2,
+        }
     }
 }
 
@@ -72,33 +84,40 @@ async fn gather(
     routing_key: &'static str,
     settings: BatchSettings,
 ) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    // Publishes in flight at once before callbacks wait for company: like a database's group
+    // commit, a batch forms while the broker confirms the ones before it, never on a timer
+    // while a slot is free.
+    let slots = Arc::new(Semaphore::new(settings.slots.max(1)));
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
-        if in_flight.load(Ordering::Acquire) > 0 {
-            // Under load: gather company for up to the window.
-            let deadline = tokio::time::Instant::now() + settings.window;
-            while batch.len() < settings.max {
-                tokio::select! {
-                    biased;
-                    next = pending.recv() => match next {
-                        Some(next) => batch.push(next),
-                        None => break,
-                    },
-                    () = tokio::time::sleep_until(deadline) => break,
-                }
-            }
-        } else {
-            // Idle: publish at once, with only what already waits.
-            while batch.len() < settings.max {
-                match pending.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
+        while batch.len() < settings.max {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
             }
         }
-        in_flight.fetch_add(1, Ordering::AcqRel);
-        let (publisher, exchange, in_flight) = (publisher.clone(), exchange.clone(), in_flight.clone());
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            // Every slot busy: gather until one frees, the batch is full, or the window ends.
+            Err(_) => {
+                let deadline = tokio::time::Instant::now() + settings.window;
+                loop {
+                    if batch.len() >= settings.max {
+                        break None;
+                    }
+                    tokio::select! {
+                        biased;
+                        slot = slots.clone().acquire_owned() => break slot.ok(),
+                        next = pending.recv() => match next {
+                            Some(next) => batch.push(next),
+                            None => break None,
+                        },
+                        () = tokio::time::sleep_until(deadline) => break None,
+                    }
+                }
+            }
+        };
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
         tokio::spawn(async move {
             let mut events = Vec::with_capacity(batch.len());
             let mut waiting = Vec::with_capacity(batch.len());
@@ -108,7 +127,7 @@ async fn gather(
             }
             let contexts = waiting.iter().map(|(context, _)| context.clone());
             let result = publish(&publisher, &exchange, routing_key, events, contexts).await.map_err(|e| e.to_string());
-            in_flight.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
             metrics::histogram!("smsflow_callback_batch_size").record(waiting.len() as f64);
             for (_, answer) in waiting {
                 let _ = answer.send(result.clone());

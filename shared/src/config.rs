@@ -239,8 +239,8 @@ pub struct AmqpSettings {
     pub idle_queue_expiry_ms: u64,
     /// The ingress publishes at most this many status callbacks as one message (1: each alone).
     pub callback_batch_max: usize,
-    /// How long, while a publish is in flight, the ingress gathers callbacks for the next
-    /// message; an idle ingress publishes a callback at once.
+    /// How long callbacks gather for a message when every publish slot of the ingress is
+    /// busy, before it is published anyway (with a free slot a callback is published at once).
     pub callback_batch_window_us: u64,
 }
 
