@@ -6,7 +6,7 @@
 //! failed publish answers every request of that batch 503, and a crash answers none of them.
 //!
 //! A callback never waits on a timer while the broker has room: with fewer than
-//! `2 × amqp.publish_channels` publishes in flight it is published at once, with whatever was
+//! `amqp.callback_batch_slots` publishes in flight it is published at once, with whatever was
 //! already waiting. Only when every slot is busy do callbacks gather, until a slot frees, the
 //! batch is full (`amqp.callback_batch_max`) or `amqp.callback_batch_window_us` has passed
 //! (then it is published anyway): the batch size follows the load, as a database's group
@@ -46,8 +46,7 @@ impl From<&shared::config::AmqpSettings> for BatchSettings {
         Self {
             max: amqp.callback_batch_max,
             window: Duration::from_micros(amqp.callback_batch_window_us),
-            // Two per publishing channel: each channel pipelines its confirms.
-            slots: amqp.publish_channels * 2,
+            slots: amqp.callback_batch_slots,
         }
     }
 }

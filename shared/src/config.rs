@@ -242,6 +242,9 @@ pub struct AmqpSettings {
     /// How long callbacks gather for a message when every publish slot of the ingress is
     /// busy, before it is published anyway (with a free slot a callback is published at once).
     pub callback_batch_window_us: u64,
+    /// Publishes of status callbacks the ingress keeps in flight before callbacks gather
+    /// for company (fewer: bigger batches under load).
+    pub callback_batch_slots: usize,
 }
 
 impl AmqpSettings {
@@ -262,6 +265,7 @@ impl AmqpSettings {
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
         positive("amqp.callback_batch_max", self.callback_batch_max as u64)?;
+        positive("amqp.callback_batch_slots", self.callback_batch_slots as u64)?;
         if self.callback_batch_window_us > 100_000 {
             return Err(ConfigError::new("amqp.callback_batch_window_us", "must be at most 100000 (0.1 s)"));
         }
