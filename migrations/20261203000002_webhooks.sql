@@ -10,7 +10,9 @@
 -- and notifies the relay once, where row triggers ran a PL/pgSQL call, an INSERT and a NOTIFY
 -- per changed row. What is written is the same: the rules (no event for `sending`, `sending`
 -- back to `accepted` is no change, previous_status names the last status that had an event)
--- and the data.
+-- and the data. PostgreSQL allows no column list with transition tables, so the UPDATE trigger
+-- runs for every UPDATE of `messages` (finding nothing to write when no status changed): a
+-- large operator backfill of another column builds both transition tables; run it in chunks.
 
 ALTER TABLE messages ADD COLUMN callback_url text;
 

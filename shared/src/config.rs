@@ -265,6 +265,11 @@ impl AmqpSettings {
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
         positive("amqp.callback_batch_max", self.callback_batch_max as u64)?;
+        // 32 callbacks of at most http.body_limit_bytes each stay far below RabbitMQ's message
+        // size limit; hundreds could not.
+        if self.callback_batch_max > 256 {
+            return Err(ConfigError::new("amqp.callback_batch_max", "must be at most 256"));
+        }
         positive("amqp.callback_batch_slots", self.callback_batch_slots as u64)?;
         if self.callback_batch_window_us > 100_000 {
             return Err(ConfigError::new("amqp.callback_batch_window_us", "must be at most 100000 (0.1 s)"));

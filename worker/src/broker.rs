@@ -410,7 +410,9 @@ impl Rerouter {
 
     /// Publishes one part of a delivery (a poison callback inside a batch message) alone to
     /// the dead-letter queue, confirmed, without acking the delivery; `headers` replace the
-    /// delivery's where the part differs (its schema version).
+    /// delivery's where the part differs (its schema version). The part's message id is
+    /// derived from its content: published again after a crash before the ack, it is
+    /// recognisably the same dead letter.
     pub async fn dead_letter_part(
         &self,
         stream: Stream,
@@ -419,7 +421,8 @@ impl Rerouter {
         reason: &DeadReason,
         headers: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
-        self.publish_dead_payload(stream, delivery, part, reason, headers).await
+        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, part).to_string();
+        self.publish_dead_with(stream, delivery, part, Some(id), reason, headers).await
     }
 
     async fn publish_dead(
@@ -429,14 +432,15 @@ impl Rerouter {
         reason: &DeadReason,
         extra: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
-        self.publish_dead_payload(stream, delivery, &delivery.data, reason, extra).await
+        self.publish_dead_with(stream, delivery, &delivery.data, None, reason, extra).await
     }
 
-    async fn publish_dead_payload(
+    async fn publish_dead_with(
         &self,
         stream: Stream,
         delivery: &Delivery,
         payload: &[u8],
+        message_id: Option<String>,
         reason: &DeadReason,
         extra: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
@@ -446,9 +450,11 @@ impl Rerouter {
             .increment(1);
         let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&text))];
         headers.extend(extra);
-        self.publisher
-            .publish_to(&self.topology.dead_letter_exchange(), stream.name(), payload, with_headers(delivery, &headers))
-            .await
+        let mut properties = with_headers(delivery, &headers);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        self.publisher.publish_to(&self.topology.dead_letter_exchange(), stream.name(), payload, properties).await
     }
 }
 

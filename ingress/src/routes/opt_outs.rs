@@ -122,10 +122,13 @@ pub async fn put_opt_out(
     let (parts, body) = request.into_parts();
     let body = super::read_body(&parts.headers, body, OPT_OUT_BODY_LIMIT).await?;
     let recipient = parse_number(&number)?;
+    // No body, or `null` (as the document allows): from all senders.
     let body: OptOutBody = if body.is_empty() {
         OptOutBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| IngressError::from_json(&e))?
+        serde_json::from_slice::<Option<OptOutBody>>(&body)
+            .map_err(|e| IngressError::from_json(&e))?
+            .unwrap_or_default()
     };
     let sender = parse_sender(body.sender.as_deref())?;
     let created = storage::put_opt_out(&state.db, &recipient, &sender).await.map_err(db_error)?;

@@ -226,7 +226,7 @@ fn is_form(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
 }
 
-/// A webhook's parameters, for the OpenAPI document: Plivo's V3 signature headers, and the
+/// A webhook's parameters, for the OpenAPI document: Plivo's signature headers, and the
 /// `ref` the worker puts into the callback URLs of the messages it sends.
 pub struct WebhookParams;
 
@@ -244,6 +244,9 @@ impl utoipa::IntoParams for WebhookParams {
                 "The same, by the main account's tokens (subaccount callbacks)",
             ),
             (signature::V3_NONCE_HEADER, ParameterIn::Header, "The nonce the signatures cover"),
+            (signature::V2_HEADER, ParameterIn::Header, "V2 signature: read only with plivo.accept_v2_signatures"),
+            (signature::MA_V2_HEADER, ParameterIn::Header, "V2, by the main account's tokens: likewise"),
+            (signature::V2_NONCE_HEADER, ParameterIn::Header, "The nonce the V2 signature covers"),
             ("ref", ParameterIn::Query, "Our message id, in the callback URL of a message we sent"),
         ]
         .into_iter()

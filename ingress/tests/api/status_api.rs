@@ -255,6 +255,7 @@ async fn operators_manage_opt_outs_and_read_inbound_messages(pool: PgPool) {
     let put = |body: Value| app.client.put(app.url(number)).bearer_auth(TOKEN).json(&body).send();
     assert_eq!(put(json!({})).await.unwrap().status(), 201);
     assert_eq!(put(json!({})).await.unwrap().status(), 200, "idempotent");
+    assert_eq!(put(Value::Null).await.unwrap().status(), 200, "a null body is no body: all senders, again");
     assert_eq!(put(json!({"sender": "+14155559999"})).await.unwrap().status(), 201);
     assert_eq!(put(json!({"sender": "not valid!"})).await.unwrap().status(), 422);
     let (_, list) = get(&app, number, TOKEN).await;

@@ -145,6 +145,12 @@ async fn a_poison_callback_inside_a_batch_is_dead_lettered_alone_and_its_neighbo
     assert_eq!(get_int(headers, SCHEMA_VERSION_HEADER), Some(1), "dead-lettered as a single callback");
     let alone: CallbackEvent = serde_json::from_slice(&message.delivery.data).unwrap();
     assert_eq!(alone, poison);
+    let part_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &message.delivery.data).to_string();
+    assert_eq!(
+        message.delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        Some(part_id.as_str()),
+        "a part's id follows its content, so a second copy after a crash is recognisable"
+    );
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM message_events").fetch_one(&pool).await.unwrap();
     assert_eq!(stored, 2, "the neighbours, and nothing of the poison");
     worker.stop().await.unwrap();
