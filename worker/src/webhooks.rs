@@ -267,22 +267,9 @@ impl WebhookPipeline {
 
     /// Delivers one job and disposes of it; an error (the broker) leaves it unacked.
     async fn handle(&self, delivery: Delivery) -> anyhow::Result<()> {
-        let job = match parse(&delivery.data) {
-            Ok(job) => job,
+        let (job, url) = match self.deliverable(&delivery.data) {
+            Ok(deliverable) => deliverable,
             Err(reason) => return self.rerouter.dispose(Stream::Webhook, &delivery, Disposition::Dead(reason)).await,
-        };
-        tracing::Span::current().record("smsflow.message_id", tracing::field::display(job.message_id));
-        if self.keys.is_empty() {
-            let reason =
-                DeadReason::WebhookRefused("no webhook signing secret is configured (webhooks.secrets)".into());
-            return self.rerouter.dispose(Stream::Webhook, &delivery, Disposition::Dead(reason)).await;
-        }
-        let url = match reqwest::Url::parse(&job.url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => url,
-            _ => {
-                let reason = DeadReason::WebhookRefused("the callback is not an http(s) URL with a host".into());
-                return self.rerouter.dispose(Stream::Webhook, &delivery, Disposition::Dead(reason)).await;
-            }
         };
         let endpoint = self.endpoint_semaphore(&url);
         let _slot = match endpoint.clone().try_acquire_owned() {
@@ -298,6 +285,20 @@ impl WebhookPipeline {
             }
         };
         self.attempt(&delivery, &job, &url).await
+    }
+
+    /// The job and the URL to call, or why it can never be delivered.
+    fn deliverable(&self, payload: &[u8]) -> Result<(WebhookJob, reqwest::Url), DeadReason> {
+        let job = parse(payload)?;
+        tracing::Span::current().record("smsflow.message_id", tracing::field::display(job.message_id));
+        if self.keys.is_empty() {
+            let reason = "no webhook signing secret is configured (webhooks.secrets)";
+            return Err(DeadReason::WebhookRefused(reason.into()));
+        }
+        match reqwest::Url::parse(&job.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => Ok((job, url)),
+            _ => Err(DeadReason::WebhookRefused("the callback is not an http(s) URL with a host".into())),
+        }
     }
 
     async fn attempt(&self, delivery: &Delivery, job: &WebhookJob, url: &reqwest::Url) -> anyhow::Result<()> {

@@ -131,7 +131,7 @@ impl StatusPipeline {
         let mut dispositions = Vec::with_capacity(batch.len());
         let mut readable: Vec<Readable<'_>> = Vec::with_capacity(batch.len());
         let mut updates: Vec<event::StatusUpdate> = Vec::with_capacity(batch.len());
-        for delivery in batch {
+        'deliveries: for delivery in batch {
             let items = match event::parse_delivery(&delivery.data) {
                 Ok(items) => items,
                 Err(poison) => {
@@ -148,18 +148,16 @@ impl StatusPipeline {
                         parts.alone.push(alone);
                     }
                     (Err(poison), Some(alone)) => parts.poison.push((alone, poison.into())),
-                    // A single callback that is poison: the whole delivery is.
-                    (Err(poison), None) => parts.poison.push((Vec::new(), poison.into())),
+                    // A single callback (version 1, the delivery's only item) that is poison:
+                    // the whole delivery is.
+                    (Err(poison), None) => {
+                        dispositions.push((delivery, Disposition::Dead(poison.into())));
+                        continue 'deliveries;
+                    }
                 }
             }
             parts.updates = first..updates.len();
-            match parts.poison.pop() {
-                Some((alone, reason)) if alone.is_empty() => dispositions.push((delivery, Disposition::Dead(reason))),
-                other => {
-                    parts.poison.extend(other);
-                    readable.push(parts);
-                }
-            }
+            readable.push(parts);
         }
         metrics::histogram!("smsflow_status_batch_size").record(updates.len() as f64);
         let started = std::time::Instant::now();
