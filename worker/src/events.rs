@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// The advisory lock key of the relay's leadership (any constant unique in the database).
-const RELAY_LOCK: i64 = 0x736d_7366_6c6f_7701;
+pub const RELAY_LOCK: i64 = 0x736d_7366_6c6f_7701;
 const NOTIFY_CHANNEL: &str = "smsflow_event_outbox";
 
 /// How the relay runs.

@@ -105,15 +105,19 @@ async fn ingress_stopped_under_load(
 /// the restart the subscriber has every committed change of every message, in order.
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn worker_killed_between_commit_and_publish(_: PgPoolOptions, database: PgConnectOptions) {
-    use lapin::options::{ExchangeDeleteOptions, QueueBindOptions};
+    use sqlx::Connection as _;
     run_scenario(database, |pool| async move {
         // Subscribed before the first job: every message's whole chain is expected.
-        let system = System::start(pool.clone(), sim_config()).await;
+        let mut system = System::start(pool.clone(), sim_config()).await;
         let mut events = system.broker.subscribe_to_events("message.status.*").await;
+        // The test holds the relay's leadership lock: from now on every change is committed and
+        // stays unpublished in the outbox (the worker's relay stands by).
+        system.kill_worker().await;
+        let mut holder = pool.acquire().await.unwrap().detach();
+        let lock = worker::events::RELAY_LOCK;
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(lock).execute(&mut holder).await.unwrap();
+        system.start_worker();
         let (mut system, traffic, description) = with_traffic_on(system).await;
-        let exchange = system.broker.topology.events_exchange();
-        let channel = system.broker.connection.create_channel().await.unwrap();
-        channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await.unwrap();
         let unpublished =
             async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM event_outbox").fetch_one(&pool).await.unwrap() };
         for _ in 0..100 {
@@ -126,14 +130,7 @@ async fn worker_killed_between_commit_and_publish(_: PgPoolOptions, database: Pg
         let stranded = unpublished().await;
         system.progress(&format!("worker killed with {stranded} committed events unpublished"));
         assert!(stranded > 0, "the kill must find committed, unpublished events");
-        // The exchange comes back (as a restarted worker would declare it) with the service's
-        // binding, before the relay can publish to it.
-        system.broker.topology.declare(&channel).await.unwrap();
-        let bind = QueueBindOptions::default();
-        let queue = events.queue();
-        let binding = "message.status.*".into();
-        channel.queue_bind(queue, exchange.as_str().into(), binding, bind, Default::default()).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        holder.close().await.unwrap();
         system.start_worker();
         let settled_pool = system.pool.clone();
         let outcome = finish(
@@ -141,7 +138,7 @@ async fn worker_killed_between_commit_and_publish(_: PgPoolOptions, database: Pg
             traffic,
             "1b. worker killed between commit and publish",
             description,
-            "events exchange removed, worker killed with events in the outbox, restarted",
+            "relay held off (its lock taken), worker killed with events in the outbox, restarted",
         )
         .await;
         assert_kept(&outcome, 0);
