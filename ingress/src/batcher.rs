@@ -5,20 +5,23 @@
 //! callback. Each request waits for the confirm of the message holding its callback, so a
 //! failed publish answers every request of that batch 503, and a crash answers none of them.
 //!
-//! A callback never waits on a timer while the broker has room: with fewer than
+//! A callback never waits while the broker has room: with fewer than
 //! `amqp.callback_batch_slots` publishes in flight it is published at once, with whatever was
-//! already waiting. Only when every slot is busy do callbacks gather, until a slot frees, the
-//! batch is full (`amqp.callback_batch_max`) or `amqp.callback_batch_window_us` has passed
-//! (then it is published anyway): the batch size follows the load, as a database's group
-//! commit does.
+//! already waiting. Otherwise callbacks gather until the batch is full
+//! (`amqp.callback_batch_max`), `amqp.callback_batch_window_us` has passed, or nobody else can
+//! come: every open HTTP connection already has a callback waiting or in flight (an HTTP/1.1
+//! connection carries one request at a time), so waiting longer would only add latency. Under
+//! load the batch then holds what arrived while the broker confirmed the ones before it, and
+//! the batch size follows the load, as a database's group commit does.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use shared::amqp::contracts::{CallbackBatch, CallbackEvent};
-use shared::amqp::headers::{TraceContext, continue_and_link, current_context, json_message};
+use shared::amqp::headers::{CALLBACK_COUNT_HEADER, TraceContext, continue_and_link, current_context, json_message};
 use shared::amqp::{PublishError, Publisher};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 
 /// A callback waiting for its message to be confirmed.
@@ -35,7 +38,7 @@ struct Pending {
 pub struct BatchSettings {
     /// Callbacks per message at most.
     pub max: usize,
-    /// How long a batch waits for a free slot before it is published anyway.
+    /// How long a batch gathers, at most, before it is published anyway.
     pub window: Duration,
     /// Publishes in flight before callbacks wait for company.
     pub slots: usize,
@@ -58,10 +61,18 @@ pub struct CallbackBatcher {
 }
 
 impl CallbackBatcher {
-    /// Starts the gathering task; it ends when every clone is dropped.
-    pub fn start(publisher: Publisher, exchange: Arc<str>, routing_key: &'static str, settings: BatchSettings) -> Self {
+    /// Starts the gathering task; it ends when every clone is dropped. `connections`: the HTTP
+    /// connections open now, as the server counts them (0: not counted, e.g. a router served
+    /// by a test harness; batches then end on size and window only).
+    pub fn start(
+        publisher: Publisher,
+        exchange: Arc<str>,
+        routing_key: &'static str,
+        settings: BatchSettings,
+        connections: Arc<AtomicUsize>,
+    ) -> Self {
         let (queue, pending) = mpsc::channel(settings.max.max(1) * 64);
-        tokio::spawn(gather(pending, publisher, exchange, routing_key, settings));
+        tokio::spawn(gather(pending, publisher, exchange, routing_key, settings, connections));
         Self { queue }
     }
 
@@ -76,17 +87,22 @@ impl CallbackBatcher {
     }
 }
 
+/// Publishes and callbacks in flight (published, not yet confirmed).
+#[derive(Default)]
+struct InFlight {
+    publishes: AtomicUsize,
+    callbacks: AtomicUsize,
+}
+
 async fn gather(
     mut pending: mpsc::Receiver<Pending>,
     publisher: Publisher,
     exchange: Arc<str>,
     routing_key: &'static str,
     settings: BatchSettings,
+    connections: Arc<AtomicUsize>,
 ) {
-    // Publishes in flight at once before callbacks wait for company: like a database's group
-    // commit, a batch forms while the broker confirms the ones before it, never on a timer
-    // while a slot is free.
-    let slots = Arc::new(Semaphore::new(settings.slots.max(1)));
+    let in_flight = Arc::new(InFlight::default());
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
         while batch.len() < settings.max {
@@ -95,43 +111,63 @@ async fn gather(
                 Err(_) => break,
             }
         }
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            // Every slot busy: gather until one frees, the batch is full, or the window ends.
-            Err(_) => {
-                let deadline = tokio::time::Instant::now() + settings.window;
-                loop {
-                    if batch.len() >= settings.max {
-                        break None;
-                    }
-                    tokio::select! {
-                        biased;
-                        slot = slots.clone().acquire_owned() => break slot.ok(),
-                        next = pending.recv() => match next {
-                            Some(next) => batch.push(next),
-                            None => break None,
-                        },
-                        () = tokio::time::sleep_until(deadline) => break None,
-                    }
+        // Why the batch ends: `smsflow_callback_batches_total{closed_by}` says whether the
+        // window is what limits the batches (then a longer one would make them bigger).
+        let closed_by = if in_flight.publishes.load(Ordering::Relaxed) < settings.slots.max(1) {
+            "free_slot"
+        } else {
+            let deadline = tokio::time::Instant::now() + settings.window;
+            loop {
+                let open = connections.load(Ordering::Relaxed);
+                let flying = in_flight.callbacks.load(Ordering::Relaxed);
+                if let Some(reason) = gathered(batch.len(), settings.max, flying, open) {
+                    break reason;
+                }
+                tokio::select! {
+                    biased;
+                    next = pending.recv() => match next {
+                        Some(next) => batch.push(next),
+                        None => break "shutdown",
+                    },
+                    () = tokio::time::sleep_until(deadline) => break "window",
                 }
             }
         };
-        let (publisher, exchange) = (publisher.clone(), exchange.clone());
+        metrics::counter!("smsflow_callback_batches_total", "closed_by" => closed_by).increment(1);
+        let count = batch.len();
+        in_flight.publishes.fetch_add(1, Ordering::Relaxed);
+        in_flight.callbacks.fetch_add(count, Ordering::Relaxed);
+        let (publisher, exchange, in_flight) = (publisher.clone(), exchange.clone(), in_flight.clone());
         tokio::spawn(async move {
-            let mut events = Vec::with_capacity(batch.len());
-            let mut waiting = Vec::with_capacity(batch.len());
+            let mut events = Vec::with_capacity(count);
+            let mut waiting = Vec::with_capacity(count);
             for Pending { event, context, answer } in batch {
                 events.push(event);
                 waiting.push((context, answer));
             }
             let contexts = waiting.iter().map(|(context, _)| context.clone());
             let result = publish(&publisher, &exchange, routing_key, events, contexts).await.map_err(|e| e.to_string());
-            drop(slot);
-            metrics::histogram!("smsflow_callback_batch_size").record(waiting.len() as f64);
+            in_flight.callbacks.fetch_sub(count, Ordering::Relaxed);
+            in_flight.publishes.fetch_sub(1, Ordering::Relaxed);
+            metrics::histogram!("smsflow_callback_batch_size").record(count as f64);
             for (_, answer) in waiting {
                 let _ = answer.send(result.clone());
             }
         });
+    }
+}
+
+/// Whether a gathering batch of `batch` callbacks should go now, and why: it is full, or every
+/// one of the `open` connections has its callback in it or among the `in_flight` ones (an
+/// HTTP/1.1 connection carries one request at a time, so nobody else can come). `open` = 0:
+/// connections are not counted, and only size and window end a batch.
+fn gathered(batch: usize, max: usize, in_flight: usize, open: usize) -> Option<&'static str> {
+    if batch >= max {
+        Some("full")
+    } else if open > 0 && batch + in_flight >= open {
+        Some("everyone_in")
+    } else {
+        None
     }
 }
 
@@ -164,9 +200,29 @@ async fn publish(
     );
     continue_and_link(&span, contexts);
     async {
-        let properties = json_message(CallbackEvent::SCHEMA, version, &message_id, Default::default());
+        let mut headers = lapin::types::FieldTable::default();
+        if count > 1 {
+            headers.insert(CALLBACK_COUNT_HEADER.into(), lapin::types::AMQPValue::LongLongInt(count as i64));
+        }
+        let properties = json_message(CallbackEvent::SCHEMA, version, &message_id, headers);
         publisher.publish(routing_key, &payload, properties).await
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gathered;
+
+    #[test]
+    fn a_batch_goes_when_full_or_when_nobody_else_can_come() {
+        assert_eq!(gathered(32, 32, 0, 100), Some("full"));
+        assert_eq!(gathered(7, 32, 1, 8), Some("everyone_in"), "7 waiting + 1 in flight of 8 connections");
+        assert_eq!(gathered(3, 32, 5, 8), Some("everyone_in"));
+        assert_eq!(gathered(6, 32, 1, 8), None, "one connection may still send a callback");
+        assert_eq!(gathered(1, 32, 0, 2), None, "an idle keep-alive connection may still send one");
+        assert_eq!(gathered(5, 32, 0, 0), None, "uncounted connections: only size and window end it");
+        assert_eq!(gathered(40, 32, 0, 0), Some("full"));
+    }
 }

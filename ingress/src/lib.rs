@@ -51,6 +51,9 @@ pub struct AppState {
     pub replays: Arc<replay::ReplayCache>,
     /// Status callbacks go through it: one message per batch under load.
     pub status_callbacks: batcher::CallbackBatcher,
+    /// Connections open on the public listener (counted by [`run`]'s server): the batcher
+    /// stops waiting for company once each has a callback in the batch or in flight.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Open connections on the admin listener at most (Prometheus and a person with curl).
@@ -65,14 +68,17 @@ impl AppState {
     pub fn new(settings: &IngressSettings, publisher: Publisher) -> anyhow::Result<Self> {
         let api = &settings.api;
         let tokens = api.tokens.iter().map(|t| (t, false)).chain(api.full_read_tokens.iter().map(|t| (t, true)));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let status_callbacks = batcher::CallbackBatcher::start(
             publisher.clone(),
             settings.amqp.prefix.as_str().into(),
             shared::amqp::Stream::Status.routing_key(),
             batcher::BatchSettings::from(&settings.amqp),
+            connections.clone(),
         );
         Ok(Self {
             status_callbacks,
+            connections,
             verifier: Arc::new(Verifier::from_settings(&settings.plivo)),
             replays: Arc::new(replay::ReplayCache::new(REPLAY_TTL, REPLAY_CAPACITY)),
             publisher,
@@ -368,12 +374,14 @@ impl tokio::io::AsyncWrite for WriteDeadline {
 /// is closed, and at most `http.max_connections` are open at once: past it, the connection that
 /// has waited longest for its first request head is closed to make room, and when every open
 /// connection has sent a request, the new one is closed as soon as it is accepted.
+/// `open` is kept equal to the number of connections being served.
 async fn serve(
     listener: TcpListener,
     app: Router,
     header_read_timeout: Duration,
     write_timeout: Duration,
     max_connections: usize,
+    open: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -446,6 +454,8 @@ async fn serve(
         let connection = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)).into_owned();
         let connection = graceful.watch(connection);
         let waiting = waiting.clone();
+        let open = open.clone();
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             // Client resets and timeouts end connections all the time; nothing to report.
             tokio::select! {
@@ -453,6 +463,7 @@ async fn serve(
                 () = evicted.cancelled() => {}
             }
             waiting.remove(id);
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(slot);
         });
     }
@@ -481,8 +492,9 @@ pub async fn run(
         "smsflow-ingress",
         broker_shutdown.clone(),
     );
-    let app =
-        router(AppState::new(&settings, publisher.clone())?, Duration::from_millis(settings.http.request_timeout_ms));
+    let state = AppState::new(&settings, publisher.clone())?;
+    let connections = state.connections.clone();
+    let app = router(state, Duration::from_millis(settings.http.request_timeout_ms));
     let address = listener.local_addr()?;
     tracing::info!(%address, "ingress listening");
     let header_read_timeout = Duration::from_millis(settings.http.header_read_timeout_ms);
@@ -493,11 +505,27 @@ pub async fn run(
             .route("/metrics", get(|| async { shared::telemetry::render_metrics() }))
             .route("/healthz", get(routes::health::healthz));
         // The same protections as the public port, with room for a few scrapers only.
-        tokio::spawn(serve(admin, app, header_read_timeout, write_timeout, ADMIN_MAX_CONNECTIONS, shutdown.clone()))
+        let open = Default::default();
+        tokio::spawn(serve(
+            admin,
+            app,
+            header_read_timeout,
+            write_timeout,
+            ADMIN_MAX_CONNECTIONS,
+            open,
+            shutdown.clone(),
+        ))
     });
 
-    let server =
-        serve(listener, app, header_read_timeout, write_timeout, settings.http.max_connections, shutdown.clone());
+    let server = serve(
+        listener,
+        app,
+        header_read_timeout,
+        write_timeout,
+        settings.http.max_connections,
+        connections,
+        shutdown.clone(),
+    );
     tokio::pin!(server);
     let outcome = tokio::select! {
         result = &mut server => result.map_err(anyhow::Error::from),

@@ -239,8 +239,9 @@ pub struct AmqpSettings {
     pub idle_queue_expiry_ms: u64,
     /// The ingress publishes at most this many status callbacks as one message (1: each alone).
     pub callback_batch_max: usize,
-    /// How long callbacks gather for a message when every publish slot of the ingress is
-    /// busy, before it is published anyway (with a free slot a callback is published at once).
+    /// How long callbacks gather for a message at most when every publish slot of the ingress
+    /// is busy (with a free slot a callback is published at once; a batch also goes as soon as
+    /// every open connection has its callback in it or in flight).
     pub callback_batch_window_us: u64,
     /// Publishes of status callbacks the ingress keeps in flight before callbacks gather
     /// for company (fewer: bigger batches under load).

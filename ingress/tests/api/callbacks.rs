@@ -37,7 +37,7 @@ async fn a_signed_status_callback_is_queued_persistently_with_every_parameter() 
 /// on an idle ingress is published alone, as version 1.
 #[tokio::test]
 async fn concurrent_callbacks_share_messages_and_each_is_in_exactly_one() {
-    use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+    use shared::amqp::headers::{CALLBACK_COUNT_HEADER, SCHEMA_VERSION_HEADER, get_int};
     let app = spawn_app().await;
     app.wait_ready().await;
     let response = app.post_signed("/plivo/callback", &status_params("lone-1", "sent")).await;
@@ -68,6 +68,8 @@ async fn concurrent_callbacks_share_messages_and_each_is_in_exactly_one() {
         assert_eq!(get_int(properties.headers().as_ref(), SCHEMA_VERSION_HEADER), Some(version.into()));
         assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
         assert!(events.len() <= 32, "at most amqp.callback_batch_max per message");
+        let count = get_int(properties.headers().as_ref(), CALLBACK_COUNT_HEADER);
+        assert_eq!(count, (events.len() > 1).then_some(events.len() as i64), "the count header of a batch");
     }
 }
 

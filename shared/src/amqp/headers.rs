@@ -9,6 +9,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 pub const SCHEMA_HEADER: &str = "x-smsflow-schema";
 pub const SCHEMA_VERSION_HEADER: &str = "x-smsflow-schema-version";
+/// How many callbacks a status-callback message holds (version 2; absent: one). Consumers size
+/// their batches by it without reading the body first; the body stays the authority.
+pub const CALLBACK_COUNT_HEADER: &str = "x-smsflow-callbacks";
 
 pub struct HeaderInjector<'a>(pub &'a mut FieldTable);
 

@@ -221,31 +221,85 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
         end_to_end_events_per_second: None,
     };
     if let Some(database_url) = &load.database_url {
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(database_url).await?;
-        let pattern = format!("lg-{run_id}-%");
-        let deadline = Instant::now() + Duration::from_secs(load.drain_timeout_secs);
-        let mut stored: i64;
-        loop {
-            stored = sqlx::query_scalar("SELECT count(*) FROM message_events WHERE message_uuid LIKE $1")
-                .bind(&pattern)
-                .fetch_one(&pool)
-                .await?;
-            if stored >= acknowledged.len() as i64 || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let drained = Instant::now();
-        let rows: Vec<(String, Option<i64>)> =
-            sqlx::query_as("SELECT message_uuid, sequence FROM message_events WHERE message_uuid LIKE $1")
-                .bind(&pattern)
-                .fetch_all(&pool)
-                .await?;
-        let stored_set: HashSet<(String, u32)> = rows.into_iter().map(|(u, s)| (u, s.unwrap_or(0) as u32)).collect();
-        report.stored_events = Some(stored);
+        let drain = wait_for_drain(database_url, &run_id, acknowledged.len(), load.drain_timeout_secs).await?;
+        let stored_set: HashSet<(String, u32)> = drain.events.into_iter().collect();
+        report.stored_events = Some(drain.stored);
         report.lost_events = Some(acknowledged.difference(&stored_set).count() as i64);
-        report.drain_after_last_ack_seconds = last_ack.map(|t| drained.saturating_duration_since(t).as_secs_f64());
-        report.end_to_end_events_per_second = Some(stored as f64 / drained.duration_since(started).as_secs_f64());
+        report.drain_after_last_ack_seconds =
+            last_ack.map(|t| drain.drained_at.saturating_duration_since(t).as_secs_f64());
+        report.end_to_end_events_per_second =
+            Some(drain.stored as f64 / drain.drained_at.duration_since(started).as_secs_f64());
     }
     Ok(report)
+}
+
+/// What PostgreSQL holds of a run once the drain ended.
+pub struct Drain {
+    /// Events stored under the run's message UUIDs.
+    pub stored: i64,
+    /// When the count reached the expected number (or the wait gave up).
+    pub drained_at: Instant,
+    /// (MessageUUID, Sequence) of every stored event.
+    pub events: Vec<(String, u32)>,
+}
+
+/// Waits until `expected` events of the run `run_id` are stored (or `timeout_secs` passed).
+pub async fn wait_for_drain(
+    database_url: &str,
+    run_id: &str,
+    expected: usize,
+    timeout_secs: u64,
+) -> anyhow::Result<Drain> {
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(database_url).await?;
+    let pattern = format!("lg-{run_id}-%");
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    let mut stored: i64;
+    loop {
+        stored = sqlx::query_scalar("SELECT count(*) FROM message_events WHERE message_uuid LIKE $1")
+            .bind(&pattern)
+            .fetch_one(&pool)
+            .await?;
+        if stored >= expected as i64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained_at = Instant::now();
+    let rows: Vec<(String, Option<i64>)> =
+        sqlx::query_as("SELECT message_uuid, sequence FROM message_events WHERE message_uuid LIKE $1")
+            .bind(&pattern)
+            .fetch_all(&pool)
+            .await?;
+    let events = rows.into_iter().map(|(u, s)| (u, s.unwrap_or(0) as u32)).collect();
+    Ok(Drain { stored, drained_at, events })
+}
+
+/// Pre-signed callbacks for an independent load generator (wrk with `tools/loadgen/wrk/callbacks.lua`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SignedFile {
+    /// Message UUIDs start `lg-{run_id}-`: `drain --run-id` counts them.
+    pub run_id: String,
+    pub requests: usize,
+    pub path: String,
+    pub bytes: u64,
+}
+
+/// Writes the run's callbacks, signed, one request per line: `signature TAB nonce TAB body`
+/// (the form body is URL-encoded, so it holds neither tabs nor newlines). Every callback is
+/// distinct (no duplicates), so each 200 is one event the drain must find.
+pub fn write_signed(load: &CallbackLoad, path: &std::path::Path) -> anyhow::Result<SignedFile> {
+    use std::io::Write as _;
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let load = CallbackLoad { duplicate_share: 0.0, ..load.clone() };
+    let prepared = prepare(&load, &run_id)?;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for item in &prepared {
+        let [(_, signature), (_, nonce)] = &item.signed.headers;
+        let body = item.signed.form.as_deref().unwrap_or_default();
+        anyhow::ensure!(!body.contains(['\t', '\n']), "a form body holds a tab or a newline");
+        writeln!(out, "{signature}\t{nonce}\t{body}")?;
+    }
+    out.flush()?;
+    let bytes = std::fs::metadata(path)?.len();
+    Ok(SignedFile { run_id, requests: prepared.len(), path: path.display().to_string(), bytes })
 }

@@ -29,6 +29,26 @@ enum Command {
         #[arg(long, default_value_t = 50_000)]
         ceiling_count: usize,
     },
+    /// Writes pre-signed callbacks for wrk (`tools/loadgen/wrk/callbacks.lua`), one per line.
+    Sign {
+        #[command(flatten)]
+        load: callbacks::CallbackLoad,
+        /// Where to write them.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Waits until PostgreSQL holds `--expected` events of a signed run, and reports when.
+    Drain {
+        #[arg(long)]
+        database_url: String,
+        /// The `run_id` that `sign` printed.
+        #[arg(long)]
+        run_id: String,
+        #[arg(long)]
+        expected: usize,
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
     /// Send jobs over HTTP through to the simulator's final statuses.
     Sends {
         #[command(flatten)]
@@ -87,6 +107,18 @@ async fn main() -> anyhow::Result<()> {
                     report.transport_errors
                 );
             }
+        }
+        Command::Sign { load, out } => print_report("signed", &callbacks::write_signed(&load, &out)?),
+        Command::Drain { database_url, run_id, expected, timeout_secs } => {
+            let started = std::time::Instant::now();
+            let drain = callbacks::wait_for_drain(&database_url, &run_id, expected, timeout_secs).await?;
+            let report = serde_json::json!({
+                "expected": expected,
+                "stored": drain.stored,
+                "seconds": drain.drained_at.duration_since(started).as_secs_f64(),
+            });
+            print_report("drain", &report);
+            anyhow::ensure!(drain.stored >= expected as i64, "{} of {expected} events stored", drain.stored);
         }
         Command::Sends { load } => print_report("sends", &sends::run(&load).await?),
         Command::Ceiling { args } => print_report("ceiling", &ceiling::measure(&args).await?),

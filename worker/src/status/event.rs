@@ -1,7 +1,7 @@
 //! From a queued Plivo callback to a status update, or to the reason it is poison.
 
 use sha2::{Digest, Sha256};
-use shared::amqp::contracts::{CallbackBatch, CallbackEvent};
+use shared::amqp::contracts::CallbackEvent;
 use shared::domain::MessageStatus;
 use shared::domain::phone::{party_identity, their_identity};
 use shared::plivo::callback::{self, field, non_empty};
@@ -65,33 +65,57 @@ impl From<Poison> for crate::broker::DeadReason {
 }
 
 /// One callback of a delivery: its update or why it is poison, and, inside a batch, its own
-/// version-1 body (to dead-letter it alone: its neighbours are processed).
+/// version-1 body (to dead-letter it alone: its neighbours are processed), borrowed from the
+/// delivery.
 #[derive(Debug)]
-pub struct Item {
+pub struct Item<'a> {
     pub update: Result<StatusUpdate, Poison>,
-    pub alone: Option<Vec<u8>>,
+    pub alone: Option<&'a [u8]>,
 }
 
-/// Reads a delivery: one callback (version 1) or a batch of them (version 2; version 1 is
-/// tried first, the single callback being what most deliveries hold). An error: the message
+/// A version-2 body with its callbacks left as text: each is read from its own text, which is
+/// also the version-1 body it is dead-lettered as (nothing is serialized again per callback).
+#[derive(serde::Deserialize)]
+struct RawBatch<'a> {
+    schema: String,
+    version: u32,
+    #[serde(borrow)]
+    callbacks: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// Reads a delivery: one callback (version 1) or a batch of them (version 2). `version` is what
+/// the message's `x-smsflow-schema-version` header says: that reading is tried first, the other
+/// one after it (the body decides; the header only saves a failed parse). An error: the message
 /// as a whole is unreadable, and is dead-lettered whole.
-pub fn parse_delivery(payload: &[u8]) -> Result<Vec<Item>, Poison> {
-    let single_error = match serde_json::from_slice::<CallbackEvent>(payload) {
-        Ok(event) => return Ok(vec![Item { update: parse_event(event), alone: None }]),
-        Err(e) => e,
-    };
-    let Ok(batch) = serde_json::from_slice::<CallbackBatch>(payload) else {
-        return Err(Poison::NotJson(shared::redact::json_error(&single_error)));
-    };
-    check_schema(&batch.schema, batch.version, CallbackEvent::BATCH_VERSION)?;
-    Ok(batch
+pub fn parse_delivery(payload: &[u8], version: Option<u32>) -> Result<Vec<Item<'_>>, Poison> {
+    let batch_first = version == Some(CallbackEvent::BATCH_VERSION);
+    if batch_first && let Some(items) = parse_batch(payload) {
+        return items;
+    }
+    match serde_json::from_slice::<CallbackEvent>(payload) {
+        Ok(event) => Ok(vec![Item { update: parse_event(event), alone: None }]),
+        Err(e) if batch_first => Err(Poison::NotJson(shared::redact::json_error(&e))),
+        Err(e) => parse_batch(payload).unwrap_or_else(|| Err(Poison::NotJson(shared::redact::json_error(&e)))),
+    }
+}
+
+/// A version-2 body's callbacks; `None` when the body is not shaped as one.
+fn parse_batch(payload: &[u8]) -> Option<Result<Vec<Item<'_>>, Poison>> {
+    let batch = serde_json::from_slice::<RawBatch<'_>>(payload).ok()?;
+    if let Err(poison) = check_schema(&batch.schema, batch.version, CallbackEvent::BATCH_VERSION) {
+        return Some(Err(poison));
+    }
+    Some(Ok(batch
         .callbacks
         .into_iter()
-        .map(|event| {
-            let alone = serde_json::to_vec(&event).expect("a callback serializes");
-            Item { update: parse_event(event), alone: Some(alone) }
+        .map(|raw| {
+            let text = raw.get();
+            let update = serde_json::from_str::<CallbackEvent>(text)
+                .map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))
+                .and_then(parse_event);
+            Item { update, alone: Some(text.as_bytes()) }
         })
-        .collect())
+        .collect()))
 }
 
 /// Reads a single callback (version 1).
@@ -153,6 +177,7 @@ pub fn dedupe_key(params: &[(String, String)]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::amqp::contracts::CallbackBatch;
 
     fn event(params: &[(&str, &str)]) -> Vec<u8> {
         serde_json::to_vec(&shared::testing::callback_event(params)).unwrap()
@@ -194,17 +219,28 @@ mod tests {
         let good = shared::testing::callback_event(&[("MessageUUID", "u1"), ("Status", "sent")]);
         let poison = shared::testing::callback_event(&[("MessageUUID", "u2"), ("Status", "lost")]);
         let batch = CallbackBatch::new(vec![good.clone(), poison.clone(), good]);
-        let items = parse_delivery(&serde_json::to_vec(&batch).unwrap()).unwrap();
+        let body = serde_json::to_vec(&batch).unwrap();
+        let items = parse_delivery(&body, Some(2)).unwrap();
+        assert_eq!(parse_delivery(&body, None).unwrap().len(), 3, "the body decides, not the header");
         assert_eq!(items.len(), 3);
         assert_eq!(items[0].update.as_ref().unwrap().status, MessageStatus::Sent);
         assert_eq!(items[1].update, Err(Poison::UnknownStatus("lost".into())));
-        let alone: CallbackEvent = serde_json::from_slice(items[1].alone.as_ref().unwrap()).unwrap();
+        let alone: CallbackEvent = serde_json::from_slice(items[1].alone.unwrap()).unwrap();
         assert_eq!(alone, poison, "the poison is dead-lettered as the version-1 message it was");
-        let single = parse_delivery(&event(&[("MessageUUID", "u1"), ("Status", "sent")])).unwrap();
-        assert!(single.len() == 1 && single[0].alone.is_none(), "version 1 is still read");
-        assert!(matches!(parse_delivery(b"[1]"), Err(Poison::NotJson(_))));
+        let single_body = event(&[("MessageUUID", "u1"), ("Status", "sent")]);
+        for hint in [None, Some(1), Some(2)] {
+            let single = parse_delivery(&single_body, hint).unwrap();
+            assert!(single.len() == 1 && single[0].alone.is_none(), "version 1 is still read ({hint:?})");
+            assert!(matches!(parse_delivery(b"[1]", hint), Err(Poison::NotJson(_))));
+        }
+        let broken = br#"{"schema":"smsflow.plivo-callback","version":2,"callbacks":[{"schema":1}]}"#;
+        let items = parse_delivery(broken, Some(2)).unwrap();
+        assert!(matches!(items[0].update, Err(Poison::NotJson(_))), "an unreadable part is poison alone");
         let unknown = serde_json::json!({"schema": "smsflow.plivo-callback", "version": 3, "callbacks": []});
-        assert!(matches!(parse_delivery(unknown.to_string().as_bytes()), Err(Poison::WrongSchema { version: 3, .. })));
+        assert!(matches!(
+            parse_delivery(unknown.to_string().as_bytes(), None),
+            Err(Poison::WrongSchema { version: 3, .. })
+        ));
     }
 
     #[test]

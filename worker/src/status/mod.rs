@@ -10,7 +10,7 @@ use backon::Retryable as _;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use shared::amqp::contracts::CallbackEvent;
-use shared::amqp::headers::SCHEMA_VERSION_HEADER;
+use shared::amqp::headers::{CALLBACK_COUNT_HEADER, SCHEMA_VERSION_HEADER, get_int};
 use shared::amqp::{Stream, Topology};
 use shared::config::WorkerSettings;
 use sqlx::PgPool;
@@ -27,7 +27,7 @@ use crate::storage::{self, BatchOutcome};
 pub async fn write_payloads<P: AsRef<[u8]>>(pool: &PgPool, payloads: &[P]) -> anyhow::Result<u64> {
     let mut updates: Vec<event::StatusUpdate> = Vec::with_capacity(payloads.len());
     for payload in payloads {
-        for item in event::parse_delivery(payload.as_ref())? {
+        for item in event::parse_delivery(payload.as_ref(), None)? {
             updates.push(item.update?);
         }
     }
@@ -39,8 +39,14 @@ pub async fn write_payloads<P: AsRef<[u8]>>(pool: &PgPool, payloads: &[P]) -> an
 struct Readable<'d> {
     delivery: &'d Delivery,
     updates: std::ops::Range<usize>,
-    alone: Vec<Option<Vec<u8>>>,
-    poison: Vec<(Vec<u8>, DeadReason)>,
+    alone: Vec<Option<&'d [u8]>>,
+    poison: Vec<(&'d [u8], DeadReason)>,
+}
+
+/// The callbacks a delivery holds, as its header says (at least one; the body is read later).
+fn callbacks_in(delivery: &Delivery) -> usize {
+    let count = get_int(delivery.properties.headers().as_ref(), CALLBACK_COUNT_HEADER).unwrap_or(1);
+    usize::try_from(count).unwrap_or(1).clamp(1, 1024)
 }
 
 /// `smsflow_events_processed_total` and `smsflow_delivery_errors_total` for written updates.
@@ -81,24 +87,32 @@ impl StatusPipeline {
     }
 
     async fn consume_batches(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
+        // Counted in callbacks, not messages: a batch message holds many.
         let batch_size = self.settings.worker.batch_size;
         let batch_wait = Duration::from_millis(self.settings.worker.batch_wait_ms);
         loop {
-            let mut batch: Vec<Delivery> = Vec::with_capacity(batch_size);
+            let mut batch: Vec<Delivery> = Vec::new();
+            let mut callbacks = 0;
             let mut stream_end = None;
             let first = tokio::select! {
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
                 next = session.next_delivery() => next,
             };
             match first {
-                Ok(delivery) => batch.push(delivery),
+                Ok(delivery) => {
+                    callbacks += callbacks_in(&delivery);
+                    batch.push(delivery);
+                }
                 Err(e) => return SessionEnd::Lost(e),
             }
             let deadline = Instant::now() + batch_wait;
-            while batch.len() < batch_size && stream_end.is_none() {
+            while callbacks < batch_size && stream_end.is_none() {
                 tokio::select! {
                     next = session.next_delivery() => match next {
-                        Ok(delivery) => batch.push(delivery),
+                        Ok(delivery) => {
+                            callbacks += callbacks_in(&delivery);
+                            batch.push(delivery);
+                        }
                         Err(e) => stream_end = Some(e),
                     },
                     () = tokio::time::sleep_until(deadline) => break,
@@ -132,7 +146,8 @@ impl StatusPipeline {
         let mut readable: Vec<Readable<'_>> = Vec::with_capacity(batch.len());
         let mut updates: Vec<event::StatusUpdate> = Vec::with_capacity(batch.len());
         'deliveries: for delivery in batch {
-            let items = match event::parse_delivery(&delivery.data) {
+            let version = get_int(delivery.properties.headers().as_ref(), SCHEMA_VERSION_HEADER);
+            let items = match event::parse_delivery(&delivery.data, version.and_then(|v| u32::try_from(v).ok())) {
                 Ok(items) => items,
                 Err(poison) => {
                     dispositions.push((delivery, Disposition::Dead(poison.into())));
@@ -201,7 +216,7 @@ impl StatusPipeline {
                 Ok(_) => count(std::slice::from_ref(update)),
                 Err(e) if storage::is_transient(&e) => return storage::disposition_of(e),
                 Err(e) => match alone {
-                    Some(alone) => parts.poison.push((alone.clone(), storage::refusal(e))),
+                    Some(alone) => parts.poison.push((*alone, storage::refusal(e))),
                     None => return storage::disposition_of(e),
                 },
             }
