@@ -7,12 +7,12 @@
 //!
 //! A callback never waits while the broker has room: with fewer than
 //! `amqp.callback_batch_slots` publishes in flight it is published at once, with whatever was
-//! already waiting. Otherwise callbacks gather until the batch is full
-//! (`amqp.callback_batch_max`), `amqp.callback_batch_window_us` has passed, or nobody else can
-//! come: every open HTTP connection already has a callback waiting or in flight (an HTTP/1.1
-//! connection carries one request at a time), so waiting longer would only add latency. Under
-//! load the batch then holds what arrived while the broker confirmed the ones before it, and
-//! the batch size follows the load, as a database's group commit does.
+//! already waiting. Otherwise callbacks gather until a publish ends and frees a slot, the batch
+//! is full (`amqp.callback_batch_max`), `amqp.callback_batch_window_us` has passed, or nobody
+//! else can come: every open HTTP connection already has a callback waiting or in flight (an
+//! HTTP/1.1 connection carries one request at a time). Open connections include idle keep-alive
+//! ones, which may still send a callback; a batch waits for them only until a slot frees or the
+//! window ends. The batch size follows the load, as a database's group commit does.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +21,7 @@ use std::time::Duration;
 use shared::amqp::contracts::{CallbackBatch, CallbackEvent};
 use shared::amqp::headers::{CALLBACK_COUNT_HEADER, TraceContext, continue_and_link, current_context, json_message};
 use shared::amqp::{PublishError, Publisher};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::Instrument as _;
 
 /// A callback waiting for its message to be confirmed.
@@ -72,6 +72,10 @@ impl CallbackBatcher {
         connections: Arc<AtomicUsize>,
     ) -> Self {
         let (queue, pending) = mpsc::channel(settings.max.max(1) * 64);
+        // Every series at zero from the start, as the other counters.
+        for reason in CLOSED_BY {
+            metrics::counter!("smsflow_callback_batches_total", "closed_by" => reason).increment(0);
+        }
         tokio::spawn(gather(pending, publisher, exchange, routing_key, settings, connections));
         Self { queue }
     }
@@ -92,7 +96,35 @@ impl CallbackBatcher {
 struct InFlight {
     publishes: AtomicUsize,
     callbacks: AtomicUsize,
+    /// Signalled when a publish ends: a gathering batch then checks for a free slot.
+    ended: Notify,
 }
+
+/// One publish in flight, counted until it ends, also when its task panics or is aborted (a
+/// count left behind would make every later callback wait for company that never comes).
+struct Flight {
+    in_flight: Arc<InFlight>,
+    callbacks: usize,
+}
+
+impl Flight {
+    fn start(in_flight: &Arc<InFlight>, callbacks: usize) -> Self {
+        in_flight.publishes.fetch_add(1, Ordering::Relaxed);
+        in_flight.callbacks.fetch_add(callbacks, Ordering::Relaxed);
+        Self { in_flight: in_flight.clone(), callbacks }
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.in_flight.callbacks.fetch_sub(self.callbacks, Ordering::Relaxed);
+        self.in_flight.publishes.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.ended.notify_one();
+    }
+}
+
+/// Why a batch went: `smsflow_callback_batches_total{closed_by}`.
+const CLOSED_BY: [&str; 5] = ["free_slot", "full", "everyone_in", "window", "shutdown"];
 
 async fn gather(
     mut pending: mpsc::Receiver<Pending>,
@@ -111,9 +143,10 @@ async fn gather(
                 Err(_) => break,
             }
         }
-        // Why the batch ends: `smsflow_callback_batches_total{closed_by}` says whether the
-        // window is what limits the batches (then a longer one would make them bigger).
-        let closed_by = if in_flight.publishes.load(Ordering::Relaxed) < settings.slots.max(1) {
+        // Why the batch ends (`smsflow_callback_batches_total{closed_by}`): mostly `window` under
+        // steady load means callbacks waited for connections that stayed idle.
+        let slots = settings.slots.max(1);
+        let closed_by = if in_flight.publishes.load(Ordering::Relaxed) < slots {
             "free_slot"
         } else {
             let deadline = tokio::time::Instant::now() + settings.window;
@@ -123,21 +156,26 @@ async fn gather(
                 if let Some(reason) = gathered(batch.len(), settings.max, flying, open) {
                     break reason;
                 }
+                // The broker has room again: waiting longer would only add latency.
+                if in_flight.publishes.load(Ordering::Relaxed) < slots {
+                    break "free_slot";
+                }
                 tokio::select! {
                     biased;
                     next = pending.recv() => match next {
                         Some(next) => batch.push(next),
                         None => break "shutdown",
                     },
+                    // A publish ended (or a stale signal): check again.
+                    () = in_flight.ended.notified() => {}
                     () = tokio::time::sleep_until(deadline) => break "window",
                 }
             }
         };
         metrics::counter!("smsflow_callback_batches_total", "closed_by" => closed_by).increment(1);
         let count = batch.len();
-        in_flight.publishes.fetch_add(1, Ordering::Relaxed);
-        in_flight.callbacks.fetch_add(count, Ordering::Relaxed);
-        let (publisher, exchange, in_flight) = (publisher.clone(), exchange.clone(), in_flight.clone());
+        let flight = Flight::start(&in_flight, count);
+        let (publisher, exchange) = (publisher.clone(), exchange.clone());
         tokio::spawn(async move {
             let mut events = Vec::with_capacity(count);
             let mut waiting = Vec::with_capacity(count);
@@ -147,8 +185,7 @@ async fn gather(
             }
             let contexts = waiting.iter().map(|(context, _)| context.clone());
             let result = publish(&publisher, &exchange, routing_key, events, contexts).await.map_err(|e| e.to_string());
-            in_flight.callbacks.fetch_sub(count, Ordering::Relaxed);
-            in_flight.publishes.fetch_sub(1, Ordering::Relaxed);
+            drop(flight);
             metrics::histogram!("smsflow_callback_batch_size").record(count as f64);
             for (_, answer) in waiting {
                 let _ = answer.send(result.clone());

@@ -248,6 +248,10 @@ pub struct AmqpSettings {
     pub callback_batch_slots: usize,
 }
 
+/// Status callbacks in one message at most (`amqp.callback_batch_max`): 256 callbacks of at most
+/// `http.body_limit_bytes` each stay far below RabbitMQ's message size limit.
+pub const MAX_CALLBACK_BATCH: usize = 256;
+
 impl AmqpSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         let url = self.url.expose_secret();
@@ -266,10 +270,8 @@ impl AmqpSettings {
         positive("amqp.delivery_limit", self.delivery_limit.into())?;
         positive("amqp.connect_timeout_ms", self.connect_timeout_ms)?;
         positive("amqp.callback_batch_max", self.callback_batch_max as u64)?;
-        // 32 callbacks of at most http.body_limit_bytes each stay far below RabbitMQ's message
-        // size limit; hundreds could not.
-        if self.callback_batch_max > 256 {
-            return Err(ConfigError::new("amqp.callback_batch_max", "must be at most 256"));
+        if self.callback_batch_max > MAX_CALLBACK_BATCH {
+            return Err(ConfigError::new("amqp.callback_batch_max", format!("must be at most {MAX_CALLBACK_BATCH}")));
         }
         positive("amqp.callback_batch_slots", self.callback_batch_slots as u64)?;
         if self.callback_batch_window_us > 100_000 {
@@ -383,6 +385,9 @@ impl TelemetrySettings {
 pub struct WorkerTuning {
     pub batch_size: usize,
     pub batch_wait_ms: u64,
+    /// Status batches one worker writes at once, each from a consumer of its own (its own
+    /// channel, so one's multiple-ack never covers the other's deliveries).
+    pub status_consumers: usize,
     pub in_process_retries: usize,
     pub admin_listen: SocketAddr,
     pub shutdown_grace_ms: u64,
@@ -397,6 +402,10 @@ impl WorkerTuning {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("worker.batch_size", self.batch_size as u64)?;
         positive("worker.batch_wait_ms", self.batch_wait_ms)?;
+        positive("worker.status_consumers", self.status_consumers as u64)?;
+        if self.status_consumers > 16 {
+            return Err(ConfigError::new("worker.status_consumers", "must be at most 16"));
+        }
         positive("worker.event_batch_size", self.event_batch_size.into())?;
         positive("worker.event_poll_interval_ms", self.event_poll_interval_ms)
     }

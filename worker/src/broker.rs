@@ -12,7 +12,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
-use shared::amqp::headers::get_int;
+use shared::amqp::headers::{CALLBACK_COUNT_HEADER, get_int};
 use shared::amqp::topology::{DEAD_LETTER_REASON_HEADER, DEFERRAL_COUNT_HEADER, RETRY_COUNT_HEADER};
 use shared::amqp::{PublishError, Publisher, Stream, Topology};
 use shared::config::AmqpSettings;
@@ -367,7 +367,7 @@ impl Rerouter {
         let Some(queue) = self.topology.retry_queue(stream, rung) else {
             return Ok(false);
         };
-        let properties = with_headers(delivery, &[(DEFERRAL_COUNT_HEADER, AMQPValue::LongLongInt(deferrals))]);
+        let properties = with_headers(delivery, &[(DEFERRAL_COUNT_HEADER, AMQPValue::LongLongInt(deferrals))], &[]);
         self.publisher.publish_to("", &queue, &delivery.data, properties).await?;
         delivery.acker.ack(BasicAckOptions::default()).await?;
         Ok(true)
@@ -405,12 +405,13 @@ impl Rerouter {
             (DEAD_LETTER_REASON_HEADER, header_text(&reason)),
         ];
         headers.extend(extra);
-        self.publisher.publish_to("", &queue, &delivery.data, with_headers(delivery, &headers)).await
+        self.publisher.publish_to("", &queue, &delivery.data, with_headers(delivery, &headers, &[])).await
     }
 
     /// Publishes one part of a delivery (a poison callback inside a batch message) alone to
     /// the dead-letter queue, confirmed, without acking the delivery; `headers` replace the
-    /// delivery's where the part differs (its schema version). The part's message id is
+    /// delivery's where the part differs (its schema version), and the batch's callback count
+    /// is dropped (a part holds one callback). The part's message id is
     /// derived from its content: published again after a crash before the ack, it is
     /// recognisably the same dead letter.
     pub async fn dead_letter_part(
@@ -440,7 +441,8 @@ impl Rerouter {
         stream: Stream,
         delivery: &Delivery,
         payload: &[u8],
-        message_id: Option<String>,
+        // Some: `payload` is one part of the delivery, published under this id.
+        part_id: Option<String>,
         reason: &DeadReason,
         extra: Vec<(&'static str, AMQPValue)>,
     ) -> Result<(), PublishError> {
@@ -450,8 +452,10 @@ impl Rerouter {
             .increment(1);
         let mut headers = vec![(DEAD_LETTER_REASON_HEADER, header_text(&text))];
         headers.extend(extra);
-        let mut properties = with_headers(delivery, &headers);
-        if let Some(id) = message_id {
+        // A part (it has an id of its own) holds one callback: the batch's count goes.
+        let dropped: &[&str] = if part_id.is_some() { &[CALLBACK_COUNT_HEADER] } else { &[] };
+        let mut properties = with_headers(delivery, &headers, dropped);
+        if let Some(id) = part_id {
             properties = properties.with_message_id(id.into());
         }
         self.publisher.publish_to(&self.topology.dead_letter_exchange(), stream.name(), payload, properties).await
@@ -480,12 +484,16 @@ fn header_text(text: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(text))
 }
 
-fn with_headers(delivery: &Delivery, extra: &[(&str, AMQPValue)]) -> lapin::BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+/// The delivery's properties with `extra` headers set and the `dropped` ones removed.
+fn with_headers(delivery: &Delivery, extra: &[(&str, AMQPValue)], dropped: &[&str]) -> lapin::BasicProperties {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default().inner().clone();
+    for key in dropped {
+        headers.remove(*key);
+    }
     for (key, value) in extra {
         headers.insert((*key).into(), value.clone());
     }
-    delivery.properties.clone().with_headers(headers)
+    delivery.properties.clone().with_headers(headers.into())
 }
 
 #[cfg(test)]

@@ -276,30 +276,51 @@ pub async fn wait_for_drain(
 
 /// Pre-signed callbacks for an independent load generator (wrk with `tools/loadgen/wrk/callbacks.lua`).
 #[derive(Debug, Clone, Serialize)]
-pub struct SignedFile {
+pub struct SignedFiles {
     /// Message UUIDs start `lg-{run_id}-`: `drain --run-id` counts them.
     pub run_id: String,
     pub requests: usize,
-    pub path: String,
+    /// `{prefix}.0` … `{prefix}.{threads - 1}`: one file per wrk thread.
+    pub prefix: String,
+    pub threads: usize,
     pub bytes: u64,
 }
 
-/// Writes the run's callbacks, signed, one request per line: `signature TAB nonce TAB body`
-/// (the form body is URL-encoded, so it holds neither tabs nor newlines). Every callback is
-/// distinct (no duplicates), so each 200 is one event the drain must find.
-pub fn write_signed(load: &CallbackLoad, path: &std::path::Path) -> anyhow::Result<SignedFile> {
+/// Writes the run's callbacks, signed, as whole HTTP/1.1 requests (each followed by a NUL
+/// byte, which no request holds), dealt round-robin into one file per wrk thread: a thread
+/// then only reads its own share before the run, and sends the bytes as they are. Every
+/// callback is distinct (no duplicates), so each 2xx is one event the drain must find.
+pub fn write_signed(load: &CallbackLoad, prefix: &str, threads: usize) -> anyhow::Result<SignedFiles> {
     use std::io::Write as _;
+    anyhow::ensure!(threads > 0, "--threads must be at least 1");
+    let target = reqwest::Url::parse(&load.ingress)?;
+    let host = match (target.host_str(), target.port()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        (None, _) => anyhow::bail!("--ingress has no host"),
+    };
+    let path = format!("{}/plivo/callback", target.path().trim_end_matches('/'));
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let load = CallbackLoad { duplicate_share: 0.0, ..load.clone() };
     let prepared = prepare(&load, &run_id)?;
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for item in &prepared {
-        let [(_, signature), (_, nonce)] = &item.signed.headers;
+    let mut files = (0..threads)
+        .map(|i| Ok(std::io::BufWriter::new(std::fs::File::create(format!("{prefix}.{i}"))?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut bytes = 0;
+    for (i, item) in prepared.iter().enumerate() {
+        let mut request = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
+        for (name, value) in item.signed.wire_headers() {
+            request.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
         let body = item.signed.form.as_deref().unwrap_or_default();
-        anyhow::ensure!(!body.contains(['\t', '\n']), "a form body holds a tab or a newline");
-        writeln!(out, "{signature}\t{nonce}\t{body}")?;
+        request.extend_from_slice(format!("content-length: {}\r\n\r\n{body}", body.len()).as_bytes());
+        anyhow::ensure!(!request.contains(&0), "a request holds a NUL byte");
+        request.push(0);
+        bytes += request.len() as u64;
+        files[i % threads].write_all(&request)?;
     }
-    out.flush()?;
-    let bytes = std::fs::metadata(path)?.len();
-    Ok(SignedFile { run_id, requests: prepared.len(), path: path.display().to_string(), bytes })
+    for file in &mut files {
+        file.flush()?;
+    }
+    Ok(SignedFiles { run_id, requests: prepared.len(), prefix: prefix.to_owned(), threads, bytes })
 }

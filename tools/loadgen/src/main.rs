@@ -29,13 +29,17 @@ enum Command {
         #[arg(long, default_value_t = 50_000)]
         ceiling_count: usize,
     },
-    /// Writes pre-signed callbacks for wrk (`tools/loadgen/wrk/callbacks.lua`), one per line.
+    /// Writes pre-signed callbacks as whole HTTP requests for wrk
+    /// (`tools/loadgen/wrk/callbacks.lua`), one file per wrk thread: PREFIX.0, PREFIX.1, ...
     Sign {
         #[command(flatten)]
         load: callbacks::CallbackLoad,
-        /// Where to write them.
+        /// Where to write them (a suffix .N is added per thread).
         #[arg(long)]
-        out: std::path::PathBuf,
+        out: String,
+        /// wrk's -t.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Waits until PostgreSQL holds `--expected` events of a signed run, and reports when.
     Drain {
@@ -108,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Sign { load, out } => print_report("signed", &callbacks::write_signed(&load, &out)?),
+        Command::Sign { load, out, threads } => print_report("signed", &callbacks::write_signed(&load, &out, threads)?),
         Command::Drain { database_url, run_id, expected, timeout_secs } => {
             let started = std::time::Instant::now();
             let drain = callbacks::wait_for_drain(&database_url, &run_id, expected, timeout_secs).await?;

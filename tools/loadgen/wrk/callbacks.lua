@@ -1,12 +1,15 @@
--- wrk script: POSTs pre-signed Plivo status callbacks, each once, from the file that
--- `smsflow-loadgen sign` wrote (one request per line: signature TAB nonce TAB form body).
+-- wrk script: POSTs pre-signed Plivo status callbacks, each once, from the files that
+-- `smsflow-loadgen sign --out PREFIX --threads N` wrote (whole HTTP requests, each followed by
+-- a NUL byte; PREFIX.0 for the first thread, PREFIX.1 for the second, ...).
 --
---   wrk -t2 -c64 -d10s -s tools/loadgen/wrk/callbacks.lua http://127.0.0.1:8080/plivo/callback -- FILE THREADS
+--   wrk -t2 -c64 -d10s -s tools/loadgen/wrk/callbacks.lua http://127.0.0.1:8080/plivo/callback -- PREFIX
 --
--- THREADS must equal -t: thread n of THREADS sends lines n, n + THREADS, ... so no callback
--- is sent twice. The requests are built in init(), before wrk starts its clock. If a thread runs
--- out of lines it repeats its last one (the ingress answers such a replay without publishing
--- it) and done() reports "exhausted": the run is then too long for the file and not valid.
+-- -t must equal sign's --threads. Each thread reads only its own file in init(). wrk starts a
+-- thread as soon as its init() returned, and its clock once every thread has started, so the
+-- first threads send a little before the clock starts (reading a file of 100,000 requests takes
+-- a fraction of a second); tools/bench reports that lead. If a thread runs out of requests it
+-- repeats its last one (the ingress answers such a replay without publishing it) and done()
+-- reports "exhausted": the run is then too long for the files and not valid.
 -- done() prints one JSON line, {"mode": "wrk", "report": {...}}, for tools/bench.
 
 local threads = {}
@@ -17,26 +20,25 @@ function setup(thread)
 end
 
 function init(args)
-   local path, count = args[1], tonumber(args[2])
-   assert(path and count, "usage: -- FILE THREADS")
+   local prefix = assert(args[1], "usage: -- PREFIX (the --out given to smsflow-loadgen sign)")
+   local file = assert(io.open(prefix .. "." .. (id - 1), "rb"))
+   local data = file:read("*a")
+   file:close()
    requests, sent, exhausted = {}, 0, false
-   local n = 0
-   for line in io.lines(path) do
-      if n % count == id - 1 then
-         local signature, nonce, body = line:match("^([^\t]*)\t([^\t]*)\t(.*)$")
-         assert(signature, "a line without three tab-separated fields")
-         requests[#requests + 1] = wrk.format("POST", nil, {
-            ["Content-Type"] = "application/x-www-form-urlencoded",
-            ["X-Plivo-Signature-V3"] = signature,
-            ["X-Plivo-Signature-V3-Nonce"] = nonce,
-         }, body)
-      end
-      n = n + 1
+   for request in data:gmatch("([^%z]+)%z") do
+      requests[#requests + 1] = request
    end
    assert(#requests > 0, "no request for thread " .. id)
+   -- wrk calls request() once on the first thread's state to check it before the run: that
+   -- call must not use up a request.
+   checking = id == 1
 end
 
 function request()
+   if checking then
+      checking = false
+      return requests[1]
+   end
    if sent < #requests then
       sent = sent + 1
    else

@@ -85,27 +85,34 @@ struct RawBatch<'a> {
 
 /// Reads a delivery: one callback (version 1) or a batch of them (version 2). `version` is what
 /// the message's `x-smsflow-schema-version` header says: that reading is tried first, the other
-/// one after it (the body decides; the header only saves a failed parse). An error: the message
-/// as a whole is unreadable, and is dead-lettered whole.
+/// one after it, so a wrong header costs a second parse, and the error reported is the one of
+/// the reading the header named. An error: the message as a whole is unreadable, and is
+/// dead-lettered whole (also a batch whose text is not valid UTF-8: its parts cannot be told
+/// apart).
 pub fn parse_delivery(payload: &[u8], version: Option<u32>) -> Result<Vec<Item<'_>>, Poison> {
-    let batch_first = version == Some(CallbackEvent::BATCH_VERSION);
-    if batch_first && let Some(items) = parse_batch(payload) {
-        return items;
+    let single = || serde_json::from_slice::<CallbackEvent>(payload);
+    if version == Some(CallbackEvent::BATCH_VERSION) {
+        return match parse_batch(payload) {
+            Ok(items) => items,
+            Err(batch_error) => match single() {
+                Ok(event) => Ok(vec![Item { update: parse_event(event), alone: None }]),
+                Err(_) => Err(Poison::NotJson(shared::redact::json_error(&batch_error))),
+            },
+        };
     }
-    match serde_json::from_slice::<CallbackEvent>(payload) {
+    match single() {
         Ok(event) => Ok(vec![Item { update: parse_event(event), alone: None }]),
-        Err(e) if batch_first => Err(Poison::NotJson(shared::redact::json_error(&e))),
-        Err(e) => parse_batch(payload).unwrap_or_else(|| Err(Poison::NotJson(shared::redact::json_error(&e)))),
+        Err(e) => parse_batch(payload).unwrap_or_else(|_| Err(Poison::NotJson(shared::redact::json_error(&e)))),
     }
 }
 
-/// A version-2 body's callbacks; `None` when the body is not shaped as one.
-fn parse_batch(payload: &[u8]) -> Option<Result<Vec<Item<'_>>, Poison>> {
-    let batch = serde_json::from_slice::<RawBatch<'_>>(payload).ok()?;
+/// A version-2 body's callbacks; the parse error when the body is not shaped as one.
+fn parse_batch(payload: &[u8]) -> Result<Result<Vec<Item<'_>>, Poison>, serde_json::Error> {
+    let batch = serde_json::from_slice::<RawBatch<'_>>(payload)?;
     if let Err(poison) = check_schema(&batch.schema, batch.version, CallbackEvent::BATCH_VERSION) {
-        return Some(Err(poison));
+        return Ok(Err(poison));
     }
-    Some(Ok(batch
+    Ok(Ok(batch
         .callbacks
         .into_iter()
         .map(|raw| {

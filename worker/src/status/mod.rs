@@ -46,7 +46,7 @@ struct Readable<'d> {
 /// The callbacks a delivery holds, as its header says (at least one; the body is read later).
 fn callbacks_in(delivery: &Delivery) -> usize {
     let count = get_int(delivery.properties.headers().as_ref(), CALLBACK_COUNT_HEADER).unwrap_or(1);
-    usize::try_from(count).unwrap_or(1).clamp(1, 1024)
+    usize::try_from(count).unwrap_or(1).clamp(1, shared::config::MAX_CALLBACK_BATCH)
 }
 
 /// `smsflow_events_processed_total` and `smsflow_delivery_errors_total` for written updates.
@@ -71,19 +71,27 @@ pub struct StatusPipeline {
 }
 
 impl StatusPipeline {
-    /// Consumes until shutdown, reconnecting as needed.
+    /// Consumes until shutdown, reconnecting as needed, with `worker.status_consumers`
+    /// consumers: each writes its own batches, so one commits while another reads and writes
+    /// (the status rule does not depend on which batch a callback lands in, nor on their order).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let amqp = &self.settings.amqp;
-        broker::consume_with_reconnect(
-            amqp,
-            &self.topology,
-            Stream::Status,
-            amqp.prefetch,
-            &self.consuming,
-            &shutdown,
-            |session| Box::pin(self.clone().consume_batches(session, shutdown.clone())),
-        )
-        .await
+        let consumers = (0..self.settings.worker.status_consumers.max(1)).map(|_| {
+            let (pipeline, shutdown) = (self.clone(), shutdown.clone());
+            async move {
+                let amqp = &pipeline.settings.amqp;
+                broker::consume_with_reconnect(
+                    amqp,
+                    &pipeline.topology,
+                    Stream::Status,
+                    amqp.prefetch,
+                    &pipeline.consuming,
+                    &shutdown,
+                    |session| Box::pin(pipeline.clone().consume_batches(session, shutdown.clone())),
+                )
+                .await
+            }
+        });
+        futures_util::future::try_join_all(consumers).await.map(|_| ())
     }
 
     async fn consume_batches(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
@@ -251,5 +259,41 @@ impl StatusPipeline {
             .when(storage::is_transient)
             .notify(|e, wait| tracing::warn!(error = %e, ?wait, "status batch failed; retrying"))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldTable, LongString};
+
+    fn delivery_with(count: Option<AMQPValue>) -> Delivery {
+        let mut headers = FieldTable::default();
+        if let Some(count) = count {
+            headers.insert(CALLBACK_COUNT_HEADER.into(), count);
+        }
+        let mut delivery = Delivery::mock(1, "".into(), "".into(), false, Vec::new());
+        delivery.properties = lapin::BasicProperties::default().with_headers(headers);
+        delivery
+    }
+
+    /// The count header only sizes batches: whatever a producer writes there, a delivery counts
+    /// as at least one callback and at most the largest batch an ingress may publish.
+    #[test]
+    fn a_delivery_counts_as_its_header_says_within_bounds() {
+        let max = shared::config::MAX_CALLBACK_BATCH;
+        let cases = [
+            (None, 1),
+            (Some(AMQPValue::LongLongInt(12)), 12),
+            (Some(AMQPValue::LongLongInt(0)), 1),
+            (Some(AMQPValue::LongLongInt(-5)), 1),
+            (Some(AMQPValue::LongLongInt(1_000_000)), max),
+            (Some(AMQPValue::LongString(LongString::from("7"))), 7),
+            (Some(AMQPValue::LongString(LongString::from("many"))), 1),
+            (Some(AMQPValue::Boolean(true)), 1),
+        ];
+        for (header, expected) in cases {
+            assert_eq!(callbacks_in(&delivery_with(header.clone())), expected, "{header:?}");
+        }
     }
 }

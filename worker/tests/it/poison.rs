@@ -116,7 +116,7 @@ async fn twenty_five_dry_runs_then_a_replay_bring_back_every_dead_letter(pool: P
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn a_poison_callback_inside_a_batch_is_dead_lettered_alone_and_its_neighbours_are_stored(pool: PgPool) {
     use shared::amqp::contracts::CallbackBatch;
-    use shared::amqp::headers::{SCHEMA_VERSION_HEADER, get_int};
+    use shared::amqp::headers::{CALLBACK_COUNT_HEADER, SCHEMA_VERSION_HEADER, get_int};
     let worker = start_worker(&pool, |_| {}).await;
     let poison = callback("m-batch-poison", "teleported", 1);
     let batch = CallbackBatch::new(vec![
@@ -125,7 +125,16 @@ async fn a_poison_callback_inside_a_batch_is_dead_lettered_alone_and_its_neighbo
         callback("m-batch-2", "undelivered", 3),
     ]);
     let body = serde_json::to_vec(&batch).unwrap();
-    publish_raw(&worker.publisher, &body, CallbackEvent::SCHEMA, CallbackEvent::BATCH_VERSION).await;
+    // As the ingress publishes a batch: with its callback count.
+    let mut count = lapin::types::FieldTable::default();
+    count.insert(CALLBACK_COUNT_HEADER.into(), lapin::types::AMQPValue::LongLongInt(3));
+    let properties = shared::amqp::headers::json_message(
+        CallbackEvent::SCHEMA,
+        CallbackEvent::BATCH_VERSION,
+        &uuid::Uuid::now_v7().to_string(),
+        count,
+    );
+    worker.publisher.publish(Stream::Status.routing_key(), &body, properties).await.unwrap();
 
     wait_for_events(&pool, 2, Duration::from_secs(20)).await;
     assert_eq!(state_of(&pool, "m-batch-1").await.0, "delivered");
@@ -143,6 +152,7 @@ async fn a_poison_callback_inside_a_batch_is_dead_lettered_alone_and_its_neighbo
     let headers = message.delivery.properties.headers().as_ref();
     assert!(get_str(headers, DEAD_LETTER_REASON_HEADER).unwrap().starts_with("unknown status"));
     assert_eq!(get_int(headers, SCHEMA_VERSION_HEADER), Some(1), "dead-lettered as a single callback");
+    assert_eq!(get_int(headers, CALLBACK_COUNT_HEADER), None, "a part holds one callback: no batch count");
     let alone: CallbackEvent = serde_json::from_slice(&message.delivery.data).unwrap();
     assert_eq!(alone, poison);
     let part_id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &message.delivery.data).to_string();
