@@ -6,8 +6,8 @@
 --
 -- -t must equal sign's --threads. Each thread reads only its own file in init(). wrk starts a
 -- thread as soon as its init() returned, and its clock once every thread has started, so the
--- first threads send a little before the clock starts (reading a file of 100,000 requests takes
--- a fraction of a second); tools/bench reports that lead. If a thread runs out of requests it
+-- first threads send a little before the clock starts, while the last one reads its file: a
+-- short lead, which slightly overstates the rate of a short run. If a thread runs out of requests it
 -- repeats its last one (the ingress answers such a replay without publishing it) and done()
 -- reports "exhausted": the run is then too long for the files and not valid.
 -- done() prints one JSON line, {"mode": "wrk", "report": {...}}, for tools/bench.
