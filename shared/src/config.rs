@@ -241,7 +241,7 @@ pub struct AmqpSettings {
     pub callback_batch_max: usize,
     /// How long callbacks gather for a message at most when every publish slot of the ingress
     /// is busy (with a free slot a callback is published at once; a batch also goes as soon as
-    /// every open connection has its callback in it or in flight).
+    /// a publish ends, or once every open connection has its callback in it or in flight).
     pub callback_batch_window_us: u64,
     /// Publishes of status callbacks the ingress keeps in flight before callbacks gather
     /// for company (fewer: bigger batches under load).
@@ -584,6 +584,15 @@ impl Validate for WorkerSettings {
         self.amqp.validate()?;
         self.database.validate()?;
         self.plivo.validate()?;
+        // Each status consumer holds a connection while it writes, and the event relay keeps one
+        // for its notifications: with fewer, batches would wait on the pool.
+        let needed = self.worker.status_consumers as u64 + 2;
+        if u64::from(self.database.max_connections) < needed {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                format!("must be at least worker.status_consumers + 2 ({needed}) in the worker"),
+            ));
+        }
         // The worker sends: without the account id every send would go to `/v1/Account//Message/`.
         if self.plivo.auth_id.trim().is_empty() {
             return Err(ConfigError::new(

@@ -91,17 +91,15 @@ pub async fn run_with(
         std::time::Duration::from_secs(10),
         shutdown.clone(),
     ));
-    let status_consuming = Arc::new(AtomicBool::new(false));
+    // One flag per status consumer: ready only when every one is attached.
+    let status_consuming: Vec<Arc<AtomicBool>> =
+        (0..settings.worker.status_consumers.max(1)).map(|_| Arc::new(AtomicBool::new(false))).collect();
     let send_consuming = Arc::new(AtomicBool::new(false));
     let inbound_consuming = Arc::new(AtomicBool::new(false));
     let webhook_consuming = Arc::new(AtomicBool::new(false));
     let admin_task = admin.map(|listener| {
-        let flags = vec![
-            status_consuming.clone(),
-            send_consuming.clone(),
-            inbound_consuming.clone(),
-            webhook_consuming.clone(),
-        ];
+        let mut flags = status_consuming.clone();
+        flags.extend([send_consuming.clone(), inbound_consuming.clone(), webhook_consuming.clone()]);
         tokio::spawn(admin::serve(listener, flags, shutdown.clone()))
     });
     let rerouter = Rerouter { publisher: publisher.clone(), topology: topology.clone() };

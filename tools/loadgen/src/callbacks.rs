@@ -100,7 +100,7 @@ pub fn plivo_fields(message_uuid: &str, status: &str, sequence: u32) -> Vec<(Str
 /// The run's callbacks, signed. Message UUIDs carry `run_id` so the drain counts only them.
 fn prepare(load: &CallbackLoad, run_id: &str) -> anyhow::Result<Vec<Prepared>> {
     let public = load.public_base_url.as_deref().unwrap_or(&load.ingress);
-    let url = format!("{public}/plivo/callback");
+    let url = format!("{}/plivo/callback", public.trim_end_matches('/'));
     let messages = load.count.div_ceil(3).max(1);
     let mut prepared = Vec::with_capacity(load.count);
     'outer: for m in 0..messages {
@@ -294,6 +294,7 @@ pub fn write_signed(load: &CallbackLoad, prefix: &str, threads: usize) -> anyhow
     use std::io::Write as _;
     anyhow::ensure!(threads > 0, "--threads must be at least 1");
     let target = reqwest::Url::parse(&load.ingress)?;
+    anyhow::ensure!(target.query().is_none(), "--ingress must not have a query");
     let host = match (target.host_str(), target.port()) {
         (Some(host), Some(port)) => format!("{host}:{port}"),
         (Some(host), None) => host.to_owned(),

@@ -66,32 +66,40 @@ pub struct StatusPipeline {
     pub topology: Topology,
     pub pool: PgPool,
     pub rerouter: Rerouter,
-    /// True while a consumer is attached (the admin server's readiness).
-    pub consuming: Arc<AtomicBool>,
+    /// One per status consumer (`worker.status_consumers`): true while it is attached (the
+    /// admin server's readiness).
+    pub consuming: Vec<Arc<AtomicBool>>,
 }
 
 impl StatusPipeline {
     /// Consumes until shutdown, reconnecting as needed, with `worker.status_consumers`
     /// consumers: each writes its own batches, so one commits while another reads and writes
     /// (the status rule does not depend on which batch a callback lands in, nor on their order).
+    /// One consumer failing for good stops the others after their batch in hand (they are not
+    /// cut off mid-batch), and its error is returned.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumers = (0..self.settings.worker.status_consumers.max(1)).map(|_| {
-            let (pipeline, shutdown) = (self.clone(), shutdown.clone());
+        let stop = shutdown.child_token();
+        let consumers = self.consuming.iter().map(|consuming| {
+            let (pipeline, stop) = (self.clone(), stop.clone());
             async move {
                 let amqp = &pipeline.settings.amqp;
-                broker::consume_with_reconnect(
+                let result = broker::consume_with_reconnect(
                     amqp,
                     &pipeline.topology,
                     Stream::Status,
                     amqp.prefetch,
-                    &pipeline.consuming,
-                    &shutdown,
-                    |session| Box::pin(pipeline.clone().consume_batches(session, shutdown.clone())),
+                    consuming,
+                    &stop,
+                    |session| Box::pin(pipeline.clone().consume_batches(session, stop.clone())),
                 )
-                .await
+                .await;
+                if result.is_err() {
+                    stop.cancel();
+                }
+                result
             }
         });
-        futures_util::future::try_join_all(consumers).await.map(|_| ())
+        futures_util::future::join_all(consumers).await.into_iter().collect()
     }
 
     async fn consume_batches(self: Arc<Self>, session: &mut Session, shutdown: CancellationToken) -> SessionEnd {
