@@ -135,6 +135,7 @@ async fn gather(
     connections: Arc<AtomicUsize>,
 ) {
     let in_flight = Arc::new(InFlight::default());
+    let slots = settings.slots.max(1);
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
         while batch.len() < settings.max {
@@ -145,7 +146,6 @@ async fn gather(
         }
         // Why the batch ends (`smsflow_callback_batches_total{closed_by}`): mostly `window` under
         // steady load means callbacks waited for connections that stayed idle.
-        let slots = settings.slots.max(1);
         let closed_by = if in_flight.publishes.load(Ordering::Relaxed) < slots {
             "free_slot"
         } else {

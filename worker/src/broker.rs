@@ -486,7 +486,7 @@ fn header_text(text: &str) -> AMQPValue {
 
 /// The delivery's properties with `extra` headers set and the `dropped` ones removed.
 fn with_headers(delivery: &Delivery, extra: &[(&str, AMQPValue)], dropped: &[&str]) -> lapin::BasicProperties {
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default().inner().clone();
+    let mut headers = delivery.properties.headers().as_ref().map(|h| h.inner().clone()).unwrap_or_default();
     for key in dropped {
         headers.remove(*key);
     }

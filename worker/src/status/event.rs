@@ -90,20 +90,26 @@ struct RawBatch<'a> {
 /// dead-lettered whole (also a batch whose text is not valid UTF-8: its parts cannot be told
 /// apart).
 pub fn parse_delivery(payload: &[u8], version: Option<u32>) -> Result<Vec<Item<'_>>, Poison> {
-    let single = || serde_json::from_slice::<CallbackEvent>(payload);
+    let single = || serde_json::from_slice::<CallbackEvent>(payload).map(|event| vec![Item::alone_in(event)]);
     if version == Some(CallbackEvent::BATCH_VERSION) {
         return match parse_batch(payload) {
             Ok(items) => items,
-            Err(batch_error) => match single() {
-                Ok(event) => Ok(vec![Item { update: parse_event(event), alone: None }]),
-                Err(_) => Err(Poison::NotJson(shared::redact::json_error(&batch_error))),
-            },
+            Err(batch_error) => single().map_err(|_| not_json(&batch_error)),
         };
     }
-    match single() {
-        Ok(event) => Ok(vec![Item { update: parse_event(event), alone: None }]),
-        Err(e) => parse_batch(payload).unwrap_or_else(|_| Err(Poison::NotJson(shared::redact::json_error(&e)))),
+    single().or_else(|e| parse_batch(payload).unwrap_or_else(|_| Err(not_json(&e))))
+}
+
+impl Item<'_> {
+    /// The only callback of a version-1 delivery.
+    fn alone_in(event: CallbackEvent) -> Self {
+        Self { update: parse_event(event), alone: None }
     }
+}
+
+/// A body that is not JSON of the expected shape, named without quoting its values.
+fn not_json(error: &serde_json::Error) -> Poison {
+    Poison::NotJson(shared::redact::json_error(error))
 }
 
 /// A version-2 body's callbacks; the parse error when the body is not shaped as one.
@@ -117,9 +123,7 @@ fn parse_batch(payload: &[u8]) -> Result<Result<Vec<Item<'_>>, Poison>, serde_js
         .into_iter()
         .map(|raw| {
             let text = raw.get();
-            let update = serde_json::from_str::<CallbackEvent>(text)
-                .map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))
-                .and_then(parse_event);
+            let update = serde_json::from_str::<CallbackEvent>(text).map_err(|e| not_json(&e)).and_then(parse_event);
             Item { update, alone: Some(text.as_bytes()) }
         })
         .collect()))
@@ -127,8 +131,7 @@ fn parse_batch(payload: &[u8]) -> Result<Result<Vec<Item<'_>>, Poison>, serde_js
 
 /// Reads a single callback (version 1).
 pub fn parse(payload: &[u8]) -> Result<StatusUpdate, Poison> {
-    let event: CallbackEvent =
-        serde_json::from_slice(payload).map_err(|e| Poison::NotJson(shared::redact::json_error(&e)))?;
+    let event: CallbackEvent = serde_json::from_slice(payload).map_err(|e| not_json(&e))?;
     parse_event(event)
 }
 
