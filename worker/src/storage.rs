@@ -34,7 +34,8 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     trace_events(&mut tx).await?;
 
     // Correlate: a MessageUUID the database already knows keeps its row; otherwise our own id
-    // from `ref`; otherwise a new row (a message sent outside smsflow).
+    // from `ref`; otherwise the row of a message sent outside smsflow, whose id follows from
+    // the MessageUUID (`id_of_foreign_message`).
     let mut uuids: Vec<String> = updates.iter().map(|u| u.message_uuid.clone()).collect();
     uuids.sort_unstable();
     uuids.dedup();
@@ -48,11 +49,13 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     for row in &known {
         ids.insert(row.message_uuid.as_str(), row.id);
     }
-    for update in updates.iter().filter(|u| u.reference.is_some()) {
-        ids.entry(&update.message_uuid).or_insert(update.reference.unwrap_or_else(Uuid::now_v7));
+    for update in updates {
+        if let Some(reference) = update.reference {
+            ids.entry(&update.message_uuid).or_insert(reference);
+        }
     }
     for update in updates {
-        ids.entry(&update.message_uuid).or_insert_with(Uuid::now_v7);
+        ids.entry(&update.message_uuid).or_insert_with(|| id_of_foreign_message(&update.message_uuid));
     }
     // The columns both statements bind, built once.
     let message_ids: Vec<Uuid> = updates.iter().map(|u| ids[u.message_uuid.as_str()]).collect();
@@ -151,6 +154,9 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
         SELECT d, m, u, s, q, e, p::jsonb, r
         FROM UNNEST($1::bytea[], $2::uuid[], $3::text[], $4::text[], $5::int8[], $6::int4[], $7::text[],
                     $8::timestamptz[]) AS t(d, m, u, s, q, e, p, r)
+        -- In key order, as the messages in id order: two workers holding the same callbacks
+        -- (a Plivo retry in each) wait for each other instead of deadlocking.
+        ORDER BY d
         ON CONFLICT (dedupe_key) DO NOTHING
         "#,
         &event_keys,
@@ -191,6 +197,18 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     tx.commit().await?;
     Ok(BatchOutcome { messages_advanced: advanced, events_recorded: recorded })
 }
+
+/// The id of a message smsflow did not send, from Plivo's MessageUUID. Two workers writing the
+/// first callbacks of such a message at once then insert the same row: the second waits for the
+/// first's insert and updates it, where two fresh ids raced for the MessageUUID and one whole
+/// batch failed on its unique key (and was retried).
+pub fn id_of_foreign_message(message_uuid: &str) -> Uuid {
+    Uuid::new_v5(&FOREIGN_MESSAGES, message_uuid.as_bytes())
+}
+
+/// The UUIDv5 namespace of `id_of_foreign_message` (any constant: once the row exists, its
+/// MessageUUID finds it).
+const FOREIGN_MESSAGES: Uuid = Uuid::from_u128(0x0b6f2d57_8c1e_4f55_9a0e_5d3c7e21a9b4);
 
 /// The events this transaction's changes write to the outbox (by trigger) carry the current
 /// trace, so a subscriber's trace links back to the callbacks that caused them.

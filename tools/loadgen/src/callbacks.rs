@@ -12,6 +12,8 @@ use serde::Serialize;
 use shared::plivo::callback::StatusCallback;
 use shared::plivo::signature::SignedCallback;
 
+use crate::wire::{Connection, PreparedRequest, Target};
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallbackLoad {
     /// Where to send (the ingress).
@@ -126,24 +128,22 @@ fn prepare(load: &CallbackLoad, run_id: &str) -> anyhow::Result<Vec<Prepared>> {
 }
 
 pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
+    let target = Target::parse(&load.ingress)?;
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let prepared = Arc::new(prepare(load, &run_id)?);
-    let url = format!("{}/plivo/callback", load.ingress);
+    let prepared = prepare(load, &run_id)?;
+    let requests =
+        prepared.iter().map(|item| PreparedRequest::new(&target, &item.signed)).collect::<Result<Vec<_>, _>>()?;
+    let requests = Arc::new(requests);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let progress = crate::progress::Progress::new(prepared.len());
     let shown = progress.show();
     let mut tasks = Vec::new();
     for _ in 0..load.connections.max(1) {
-        let (prepared, next, url, progress) = (prepared.clone(), next.clone(), url.clone(), progress.clone());
+        let (requests, next, progress) = (requests.clone(), next.clone(), progress.clone());
+        let mut connection = Connection::new(&target);
         let rate = load.rate;
         tasks.push(tokio::spawn(async move {
-            // One keep-alive connection per task.
-            let client = reqwest::Client::builder()
-                .http1_only()
-                .pool_max_idle_per_host(1)
-                .timeout(Duration::from_secs(30))
-                .build()?;
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut answers: BTreeMap<String, u64> = BTreeMap::new();
             let mut errors = 0u64;
@@ -151,21 +151,16 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
             let mut last_ack = None;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(item) = prepared.get(i) else { break };
+                let Some(request) = requests.get(i) else { break };
                 if rate > 0.0 {
                     tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
                 }
                 let sent_at = Instant::now();
-                let mut request = client.post(&url);
-                for (name, value) in item.signed.wire_headers() {
-                    request = request.header(name, value);
-                }
-                let response = request.body(item.signed.form.clone().unwrap_or_default()).send().await;
+                let answer = connection.send(request).await;
                 let micros = sent_at.elapsed().as_micros() as u64;
-                match response {
-                    Ok(response) => {
-                        let status = response.status().as_u16();
-                        let _ = response.bytes().await;
+                match answer {
+                    Ok(status) => {
+                        let status = status.as_u16();
                         progress.record(status == 200);
                         latency.record(micros.max(1))?;
                         *answers.entry(status.to_string()).or_default() += 1;
@@ -293,14 +288,8 @@ pub struct SignedFiles {
 pub fn write_signed(load: &CallbackLoad, prefix: &str, threads: usize) -> anyhow::Result<SignedFiles> {
     use std::io::Write as _;
     anyhow::ensure!(threads > 0, "--threads must be at least 1");
-    let target = reqwest::Url::parse(&load.ingress)?;
-    anyhow::ensure!(target.query().is_none(), "--ingress must not have a query");
-    let host = match (target.host_str(), target.port()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_owned(),
-        (None, _) => anyhow::bail!("--ingress has no host"),
-    };
-    let path = format!("{}/plivo/callback", target.path().trim_end_matches('/'));
+    let target = Target::parse(&load.ingress)?;
+    let (host, path) = (&target.authority, target.callback_path());
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let load = CallbackLoad { duplicate_share: 0.0, ..load.clone() };
     let prepared = prepare(&load, &run_id)?;

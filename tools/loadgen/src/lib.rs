@@ -7,6 +7,7 @@ pub mod callbacks;
 pub mod ceiling;
 pub mod progress;
 pub mod sends;
+pub mod wire;
 
 use serde::Serialize;
 

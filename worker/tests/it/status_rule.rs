@@ -290,6 +290,37 @@ async fn two_concurrent_workers_store_what_one_worker_stores(pool: PgPool) {
     .unwrap();
 }
 
+/// Two workers holding the same callbacks of messages the database does not know yet (each
+/// delivered to both, as Plivo's retries can be, in other orders and batches) write them at
+/// the same time: not one batch fails. Both derive a new message's row id from its MessageUUID,
+/// so the second insert waits for the first and updates it; with a fresh id each, the two raced
+/// for the MessageUUID's unique key and a whole batch was rolled back and retried.
+#[sqlx::test(migrator = "shared::MIGRATOR")]
+async fn two_workers_writing_new_messages_at_once_never_collide(pool: PgPool) {
+    let strategy = (arb_stories(), arb_delivery(), arb_delivery());
+    run_property(&pool, 48, strategy, |pool, (stories, first, second)| {
+        Box::pin(async move {
+            let uuids = fresh_uuids(&stories);
+            let run = |delivery: Delivery| {
+                let uuids = &uuids;
+                let stories = &stories;
+                async move {
+                    for batch in batches(&events(stories, uuids, &delivery), &delivery.batch_sizes) {
+                        apply_status_batch(pool, batch).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok::<_, String>(())
+                }
+            };
+            let (a, b) = tokio::join!(run(first), run(second));
+            prop_assert!(a.is_ok() && b.is_ok(), "a batch failed: {:?} / {:?} for {:?}", a, b, stories);
+            check(pool, &stories, &uuids).await?;
+            Ok(())
+        })
+    })
+    .await
+    .unwrap();
+}
+
 /// The example behind the rule (README: "Which status wins").
 #[sqlx::test(migrator = "shared::MIGRATOR")]
 async fn of_two_terminal_statuses_plivos_later_word_wins_in_either_order(pool: PgPool) {
