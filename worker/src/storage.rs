@@ -39,15 +39,19 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     let mut uuids: Vec<String> = updates.iter().map(|u| u.message_uuid.clone()).collect();
     uuids.sort_unstable();
     uuids.dedup();
-    let known = sqlx::query!(
-        r#"SELECT id, message_uuid AS "message_uuid!" FROM messages WHERE message_uuid = ANY($1::text[])"#,
-        &uuids
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+    // Planned for each batch, never from a cached generic plan: one cached while `messages`
+    // held a page or two scans the whole table for every MessageUUID of every batch (a linear
+    // search of the array per row) until autovacuum next analyzes the table, which on a new
+    // database took most of the status writer's time.
+    let known: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, message_uuid FROM messages WHERE message_uuid = ANY($1::text[])")
+            .bind(&uuids)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
     let mut ids: HashMap<&str, Uuid> = HashMap::with_capacity(uuids.len());
-    for row in &known {
-        ids.insert(row.message_uuid.as_str(), row.id);
+    for (id, message_uuid) in &known {
+        ids.insert(message_uuid.as_str(), *id);
     }
     for update in updates {
         if let Some(reference) = update.reference {
