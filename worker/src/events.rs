@@ -139,11 +139,16 @@ async fn relay_once(
     topology: &Topology,
     batch_size: i64,
 ) -> anyhow::Result<usize> {
+    // Both statements are planned for each round, never from a cached generic plan: one made
+    // while the outbox was nearly empty scans and sorts the whole table (and searches the id
+    // array per row) every round, which would slow the relay most when a backlog builds up
+    // (see the status batch's MessageUUID lookup in worker::storage).
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT id, event_id, routing_key, subject, data, traceparent, occurred_at, created_at, webhook_url
          FROM event_outbox ORDER BY id LIMIT $1",
     )
     .bind(batch_size)
+    .persistent(false)
     .fetch_all(&mut *connection)
     .await?;
     if rows.is_empty() {
@@ -176,7 +181,11 @@ async fn relay_once(
         confirmed.extend(ids);
         failure = failure.or(error);
     }
-    sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)").bind(&confirmed).execute(&mut *connection).await?;
+    sqlx::query("DELETE FROM event_outbox WHERE id = ANY($1)")
+        .bind(&confirmed)
+        .persistent(false)
+        .execute(&mut *connection)
+        .await?;
     metrics::counter!("smsflow_events_published_total").increment(confirmed.len() as u64);
     match failure {
         None => Ok(read),

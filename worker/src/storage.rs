@@ -39,10 +39,12 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
     let mut uuids: Vec<String> = updates.iter().map(|u| u.message_uuid.clone()).collect();
     uuids.sort_unstable();
     uuids.dedup();
-    // Planned for each batch, never from a cached generic plan: one cached while `messages`
-    // held a page or two scans the whole table for every MessageUUID of every batch (a linear
-    // search of the array per row) until autovacuum next analyzes the table, which on a new
-    // database took most of the status writer's time.
+    // Planned for each batch (an unnamed statement), never from a cached generic plan: one
+    // cached while `messages` held a page or two scans the whole table for every MessageUUID of
+    // every batch (a linear search of the array per row) until autovacuum next analyzes the
+    // table, which on a new database took most of the status writer's time. The query macros
+    // cannot make an unnamed statement, so this one is not checked at compile time; and the
+    // same SQL must not run as a cached statement on these connections, or that plan returns.
     let known: Vec<(Uuid, String)> =
         sqlx::query_as("SELECT id, message_uuid FROM messages WHERE message_uuid = ANY($1::text[])")
             .bind(&uuids)
@@ -204,14 +206,16 @@ pub async fn apply_status_batch(pool: &PgPool, updates: &[StatusUpdate]) -> Resu
 
 /// The id of a message smsflow did not send, from Plivo's MessageUUID. Two workers writing the
 /// first callbacks of such a message at once then insert the same row: the second waits for the
-/// first's insert and updates it, where two fresh ids raced for the MessageUUID and one whole
-/// batch failed on its unique key (and was retried).
+/// first's insert and updates it (the MessageUUID's uniqueness is checked at statement end, see
+/// its migration), where two fresh ids raced for the MessageUUID and one whole batch failed on
+/// its unique key (and was retried). A callback with our `ref` racing one without it for the
+/// same message can still collide that way; it is retried like any transient failure.
 pub fn id_of_foreign_message(message_uuid: &str) -> Uuid {
     Uuid::new_v5(&FOREIGN_MESSAGES, message_uuid.as_bytes())
 }
 
-/// The UUIDv5 namespace of `id_of_foreign_message` (any constant: once the row exists, its
-/// MessageUUID finds it).
+/// The UUIDv5 namespace of `id_of_foreign_message`. Never to change: two worker versions
+/// deriving different ids during a rolling upgrade would race again.
 const FOREIGN_MESSAGES: Uuid = Uuid::from_u128(0x0b6f2d57_8c1e_4f55_9a0e_5d3c7e21a9b4);
 
 /// The events this transaction's changes write to the outbox (by trigger) carry the current

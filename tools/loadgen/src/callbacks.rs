@@ -16,7 +16,7 @@ use crate::wire::{Connection, PreparedRequest, Target};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallbackLoad {
-    /// Where to send (the ingress).
+    /// Where to send: the ingress itself, over plain http:// (`sign` also takes https://).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub ingress: String,
     /// The public base URL the ingress verifies against (defaults to --ingress).
@@ -141,7 +141,7 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
     let mut tasks = Vec::new();
     for _ in 0..load.connections.max(1) {
         let (requests, next, progress) = (requests.clone(), next.clone(), progress.clone());
-        let mut connection = Connection::new(&target);
+        let mut connection = Connection::new(&target)?;
         let rate = load.rate;
         tasks.push(tokio::spawn(async move {
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -169,7 +169,10 @@ pub async fn run(load: &CallbackLoad) -> anyhow::Result<CallbackReport> {
                             last_ack = Some(Instant::now());
                         }
                     }
-                    Err(_) => {
+                    Err(error) => {
+                        if errors == 0 {
+                            eprintln!("no answer on a connection (only its first failure is shown): {error:#}");
+                        }
                         progress.record(false);
                         errors += 1;
                     }
@@ -289,7 +292,7 @@ pub fn write_signed(load: &CallbackLoad, prefix: &str, threads: usize) -> anyhow
     use std::io::Write as _;
     anyhow::ensure!(threads > 0, "--threads must be at least 1");
     let target = Target::parse(&load.ingress)?;
-    let (host, path) = (&target.authority, target.callback_path());
+    let (host, path) = (&target.host, target.callback_path());
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let load = CallbackLoad { duplicate_share: 0.0, ..load.clone() };
     let prepared = prepare(&load, &run_id)?;
